@@ -1,0 +1,127 @@
+import { Reject } from './event-types.js';
+
+/**
+ * A batch of events in columns (struct of arrays): the unit of work of the whole pipeline.
+ * Sources fill it (from protobuf, JSON, CSV or Arrow) without building one object per event that
+ * outlives the batch; validation writes `status`, identity writes `canon`, operators read columns
+ * by row index. Batches are reused: `reset()` keeps the arrays and their capacity.
+ *
+ * String columns hold '' for "absent", numeric columns NaN for "absent" (ts, amount).
+ */
+export class EventColumns {
+  length = 0;
+  readonly capacity: number;
+  readonly eventId: string[];
+  readonly type: string[];
+  readonly typeCode: Uint16Array;
+  readonly userId: string[];
+  readonly anonymousId: string[];
+  readonly ts: Float64Array;
+  readonly amount: Float64Array;
+  readonly currency: string[];
+  readonly orderId: string[];
+  readonly channel: string[];
+  readonly platform: string[];
+  readonly campaignId: string[];
+  readonly variant: string[];
+  readonly triggerId: string[];
+  readonly props: (Record<string, string> | null)[];
+  /** Encoded size of the input record in bytes (for `too_large`). */
+  readonly size: Uint32Array;
+  /** Reject code per row (event-types.ts `Reject`); 0 = accepted. */
+  readonly status: Uint8Array;
+  /** Human detail for a rejected row (e.g. the JSON parse error); '' otherwise. */
+  readonly detail: string[];
+  /** The raw input of a row, kept so a rejected row can be dead-lettered as it came. */
+  readonly raw: (Uint8Array | string | null)[];
+  /** Where a row came from, for dead letters: `file:line`, `topic/partition@offset`, `http`. */
+  readonly origin: string[];
+  /** Canonical profile id, written by the identity operator for accepted rows. */
+  readonly canon: string[];
+
+  constructor(capacity: number) {
+    this.capacity = capacity;
+    this.eventId = new Array<string>(capacity).fill('');
+    this.type = new Array<string>(capacity).fill('');
+    this.typeCode = new Uint16Array(capacity);
+    this.userId = new Array<string>(capacity).fill('');
+    this.anonymousId = new Array<string>(capacity).fill('');
+    this.ts = new Float64Array(capacity);
+    this.amount = new Float64Array(capacity);
+    this.currency = new Array<string>(capacity).fill('');
+    this.orderId = new Array<string>(capacity).fill('');
+    this.channel = new Array<string>(capacity).fill('');
+    this.platform = new Array<string>(capacity).fill('');
+    this.campaignId = new Array<string>(capacity).fill('');
+    this.variant = new Array<string>(capacity).fill('');
+    this.triggerId = new Array<string>(capacity).fill('');
+    this.props = new Array<Record<string, string> | null>(capacity).fill(null);
+    this.size = new Uint32Array(capacity);
+    this.status = new Uint8Array(capacity);
+    this.detail = new Array<string>(capacity).fill('');
+    this.raw = new Array<Uint8Array | string | null>(capacity).fill(null);
+    this.origin = new Array<string>(capacity).fill('');
+    this.canon = new Array<string>(capacity).fill('');
+  }
+
+  get full(): boolean {
+    return this.length >= this.capacity;
+  }
+
+  reset(): void {
+    // Drop references so a reused batch does not pin the previous batch's strings and buffers.
+    for (let i = 0; i < this.length; i++) {
+      this.props[i] = null;
+      this.raw[i] = null;
+    }
+    this.length = 0;
+  }
+
+  /**
+   * Appends one row with every field given; returns its index. The hot-path sources call this
+   * with values taken straight from the decoded record.
+   */
+  push(
+    eventId: string, type: string, userId: string, anonymousId: string, ts: number, amount: number,
+    currency: string, orderId: string, channel: string, platform: string, campaignId: string,
+    variant: string, triggerId: string, props: Record<string, string> | null, size: number,
+    raw: Uint8Array | string | null, origin: string,
+  ): number {
+    const i = this.length++;
+    this.eventId[i] = eventId;
+    this.type[i] = type;
+    this.typeCode[i] = 0;
+    this.userId[i] = userId;
+    this.anonymousId[i] = anonymousId;
+    this.ts[i] = ts;
+    this.amount[i] = amount;
+    this.currency[i] = currency;
+    this.orderId[i] = orderId;
+    this.channel[i] = channel;
+    this.platform[i] = platform;
+    this.campaignId[i] = campaignId;
+    this.variant[i] = variant;
+    this.triggerId[i] = triggerId;
+    this.props[i] = props;
+    this.size[i] = size;
+    this.status[i] = Reject.ok;
+    this.detail[i] = '';
+    this.raw[i] = raw;
+    this.origin[i] = origin;
+    this.canon[i] = '';
+    return i;
+  }
+
+  /** Appends a row that failed to decode at all: it only carries its raw bytes and the reason. */
+  pushUndecodable(raw: Uint8Array | string, size: number, origin: string, reason: number, detail: string): number {
+    const i = this.push('', '', '', '', Number.NaN, Number.NaN, '', '', '', '', '', '', '', null, size, raw, origin);
+    this.status[i] = reason;
+    this.detail[i] = detail;
+    return i;
+  }
+
+  reject(i: number, reason: number, detail: string): void {
+    this.status[i] = reason;
+    this.detail[i] = detail;
+  }
+}

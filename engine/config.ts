@@ -1,0 +1,106 @@
+import { z } from 'zod';
+import { CrmError } from './errors.js';
+
+const DAY = 86_400_000;
+
+/**
+ * The engine configuration. Validated once, at createEngine / CLI start, into a frozen object with
+ * every default filled in; hot code reads fields, never re-validates. Every option documents its
+ * default, unit and trade-off.
+ */
+export const ConfigSchema = z.object({
+  /** Where LevelDB state, the dead-letter file and checkpoints live. Required for the `level` backend. */
+  dataDir: z.string().min(1).nullable().default(null),
+  state: z.object({
+    /** `level` (durable, default when dataDir is set) or `memory` (ephemeral; tests and benchmarks). */
+    backend: z.enum(['level', 'memory']).optional(),
+    /**
+     * Hot profiles kept decoded in memory (default 250,000). Larger = fewer LevelDB reads; each
+     * cached profile costs a few hundred bytes. Dirty profiles stay until the next checkpoint.
+     */
+    cacheUsers: z.number().int().min(16).default(250_000),
+  }).prefault({}),
+  time: z.object({
+    /** IANA zone in which calendar windows are cut (default Asia/Seoul). */
+    timeZone: z.string().default('Asia/Seoul'),
+    /** Watermark = max event time seen − this (ms, default 5 s). Larger tolerates more disorder, delays timers. */
+    outOfOrdernessMs: z.number().int().min(0).default(5_000),
+    /** Events older than watermark − this (ms, default 3 days) are rejected `too_late`. */
+    allowedLatenessMs: z.number().int().min(0).default(3 * DAY),
+    /** Timestamps outside [minTs, maxTs) (ms) are `bad_timestamp` (defaults 1990-01-01, 2100-01-01): catches seconds-for-ms and garbage. */
+    minTs: z.number().default(Date.UTC(1990, 0, 1)),
+    maxTs: z.number().default(Date.UTC(2100, 0, 1)),
+  }).prefault({}),
+  dedupe: z.object({
+    /** Event ids are remembered this long in event time (ms, default 7 days); must be ≥ allowed lateness. */
+    horizonMs: z.number().int().min(0).default(7 * DAY),
+  }).prefault({}),
+  validation: z.object({
+    /** Encoded events larger than this (bytes, default 64 KiB) are rejected `too_large`. */
+    maxEventBytes: z.number().int().min(256).default(64 * 1024),
+    /** More props than this (default 64) is `too_large`. */
+    maxProps: z.number().int().min(0).default(64),
+    /** The one reporting currency (ISO 4217, default KRW). Events without a currency are in it. */
+    currency: z.string().regex(/^[A-Z]{3}$/, 'an ISO 4217 code such as KRW').default('KRW'),
+    /** Other currencies accepted, as units of the reporting currency per unit (default none: rejected `unknown_currency`). */
+    currencyRates: z.record(z.string().regex(/^[A-Z]{3}$/), z.number().positive()).default({}),
+  }).prefault({}),
+  checkpoint: z.object({
+    /** A checkpoint is taken at the first batch boundary after this much processing time (ms, default 1000). */
+    intervalMs: z.number().int().min(0).default(1_000),
+    /** Also checkpoint when this many profiles are dirty (default 100,000): bounds memory between checkpoints. */
+    maxDirtyUsers: z.number().int().min(1).default(100_000),
+  }).prefault({}),
+  deadLetter: z.object({
+    /** Dead-letter file (jsonl). Default `<dataDir>/deadletter.jsonl`; null with no dataDir keeps them in the outbox only. */
+    path: z.string().nullable().default(null),
+    /** Raw payload kept per dead letter (bytes, default 4096). */
+    maxPayloadBytes: z.number().int().min(0).default(4096),
+  }).prefault({}),
+  /** Rows per batch handed through the pipeline (default 4096). */
+  batchRows: z.number().int().min(1).max(1 << 20).default(4096),
+}).superRefine((c, ctx) => {
+  if (c.dedupe.horizonMs < c.time.allowedLatenessMs) {
+    ctx.addIssue({ code: 'custom', path: ['dedupe', 'horizonMs'], message: `must be ≥ time.allowedLatenessMs (${c.time.allowedLatenessMs}) or late duplicates would be counted twice` });
+  }
+  if (c.state.backend === 'level' && c.dataDir === null) {
+    ctx.addIssue({ code: 'custom', path: ['dataDir'], message: 'the level backend needs a dataDir' });
+  }
+  if (!isValidTimeZone(c.time.timeZone)) {
+    ctx.addIssue({ code: 'custom', path: ['time', 'timeZone'], message: `unknown IANA time zone '${c.time.timeZone}' (e.g. Asia/Seoul, UTC)` });
+  }
+});
+
+export type ConfigInput = z.input<typeof ConfigSchema>;
+export type EngineConfig = Readonly<Omit<z.output<typeof ConfigSchema>, 'state'> & {
+  state: { readonly backend: 'level' | 'memory'; readonly cacheUsers: number };
+}>;
+
+function isValidTimeZone(tz: string): boolean {
+  try {
+    new Intl.DateTimeFormat('en', { timeZone: tz });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function deepFreeze<T>(o: T): T {
+  if (o !== null && typeof o === 'object') {
+    for (const v of Object.values(o)) deepFreeze(v);
+    Object.freeze(o);
+  }
+  return o;
+}
+
+/** Validates and defaults a configuration; throws CONFIG_INVALID listing every problem with its path. */
+export function resolveConfig(input: ConfigInput = {}): EngineConfig {
+  const parsed = ConfigSchema.safeParse(input);
+  if (!parsed.success) {
+    const lines = parsed.error.issues.map((i) => `  ${i.path.length ? i.path.join('.') : '(root)'}: ${i.message}`);
+    throw new CrmError('CONFIG_INVALID', `invalid crmstream configuration:\n${lines.join('\n')}`);
+  }
+  const c = parsed.data;
+  const backend = c.state.backend ?? (c.dataDir === null ? 'memory' : 'level');
+  return deepFreeze({ ...c, state: { ...c.state, backend } });
+}

@@ -1,0 +1,61 @@
+/**
+ * The one error catalogue of crmstream. Every error the engine raises carries a stable `code`;
+ * callers and tests branch on the code, never on the message. `retriable` says whether doing the
+ * same thing again can succeed (a broker hiccup) or not (a corrupt record).
+ */
+export const ErrorCodes = {
+  CONFIG_INVALID: { retriable: false, doc: 'The configuration failed validation; the message lists each offending field.' },
+  STATE_CORRUPT: { retriable: false, doc: 'A stored record could not be decoded; the data directory is damaged or from an incompatible version.' },
+  STATE_IO: { retriable: true, doc: 'The state store failed to read or write.' },
+  STATE_CLOSED: { retriable: false, doc: 'The state store was used after close().' },
+  SOURCE_DECODE: { retriable: false, doc: 'An input record could not be decoded (it is dead-lettered, the batch goes on).' },
+  SOURCE_IO: { retriable: true, doc: 'An input file or stream could not be read.' },
+  SOURCE_MAP_INVALID: { retriable: false, doc: 'A --map column mapping is malformed or names a missing column.' },
+  INPUT_TOO_LARGE: { retriable: false, doc: 'The input exceeds a configured size limit.' },
+  ENGINE_CLOSED: { retriable: false, doc: 'The engine was used after close().' },
+  ENGINE_BUSY: { retriable: true, doc: 'A second ingest was started while one is running; await the first.' },
+  OPERATOR_FAILED: { retriable: false, doc: 'An operator threw while processing a batch or timer.' },
+  CHECKPOINT_FAILED: { retriable: true, doc: 'The atomic checkpoint write failed; nothing of it became durable.' },
+  SINK_IO: { retriable: true, doc: 'An output sink (dead-letter file, outbox drain) failed to write.' },
+  CLEANUP_FAILED: { retriable: false, doc: 'One or more errors happened while closing; `errors` holds each of them.' },
+} as const;
+
+export type ErrorCode = keyof typeof ErrorCodes;
+
+/** The error type thrown by crmstream. */
+export class CrmError extends Error {
+  readonly code: ErrorCode;
+  readonly retriable: boolean;
+  /** Set on CLEANUP_FAILED: every error met during cleanup, none swallowed. */
+  readonly errors: readonly unknown[];
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown; errors?: readonly unknown[] }) {
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.name = 'CrmError';
+    this.code = code;
+    this.retriable = ErrorCodes[code].retriable;
+    this.errors = options?.errors ?? [];
+  }
+}
+
+/** True when `err` is a CrmError with the given code. */
+export function isCode(err: unknown, code: ErrorCode): boolean {
+  return err instanceof CrmError && err.code === code;
+}
+
+/**
+ * Runs every cleanup step even when earlier ones fail; throws one CLEANUP_FAILED holding all
+ * failures (or the single failure's own error when only one step failed).
+ */
+export async function cleanupAll(steps: ReadonlyArray<() => unknown>): Promise<void> {
+  const errors: unknown[] = [];
+  for (const step of steps) {
+    try {
+      await step();
+    } catch (err) {
+      errors.push(err);
+    }
+  }
+  if (errors.length === 1) throw errors[0];
+  if (errors.length > 1) throw new CrmError('CLEANUP_FAILED', `${errors.length} errors during cleanup`, { errors });
+}
