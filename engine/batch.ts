@@ -120,6 +120,18 @@ export class EventColumns {
     return i;
   }
 
+  /** Appends a copy of row `i` of `src` (every column, including status and detail). */
+  pushFrom(src: EventColumns, i: number): number {
+    const j = this.push(
+      src.eventId[i]!, src.type[i]!, src.userId[i]!, src.anonymousId[i]!, src.ts[i]!, src.amount[i]!, src.currency[i]!,
+      src.orderId[i]!, src.channel[i]!, src.platform[i]!, src.campaignId[i]!, src.variant[i]!, src.triggerId[i]!,
+      src.props[i]!, src.size[i]!, src.raw[i]!, src.origin[i]!,
+    );
+    this.status[j] = src.status[i]!;
+    this.detail[j] = src.detail[i]!;
+    return j;
+  }
+
   reject(i: number, reason: number, detail: string): void {
     this.status[i] = reason;
     this.detail[i] = detail;

@@ -1,0 +1,531 @@
+import { performance } from 'node:perf_hooks';
+import path from 'node:path';
+import { crmstream } from '../api/proto/gen/crmstream.js';
+import { EventColumns } from './batch.js';
+import { resolveConfig, type ConfigInput, type EngineConfig } from './config.js';
+import { DedupeIndex } from './dedupe.js';
+import { CrmError, cleanupAll } from './errors.js';
+import { EventType, REJECT_NAMES, Reject, TypeRegistry, rejectName, type RejectName } from './event-types.js';
+import { Outbox, Topic, type OutboxRecord, type OutboxSink } from './outbox.js';
+import { ProfileTable, USER_PREFIX } from './profiles.js';
+import { JsonlFileSink } from './sinks/jsonl-file.js';
+import { TimerService, type DueTimer } from './timers.js';
+import { validateStatic } from './validate.js';
+import { IdentityResolver } from '../operators/identity.js';
+import { ANON_PREFIX, type Operator, type OperatorContext, type StateSlot, type UserRecord } from '../operators/operator.js';
+import { ProfileOperator, profileView, type ProfileState, type ProfileView } from '../operators/profile.js';
+import { openStore } from '../state/index.js';
+import type { KvStore, WriteOp } from '../state/store.js';
+
+/**
+ * The event-time runtime. One instance owns one state store (one partition of the key space).
+ *
+ * Data flows one way: a batch (EventColumns) is validated (static checks), then walked row by row
+ * for the checks that depend on order — lateness against the watermark, de-duplication — and for
+ * identity; the keyed operators then process runs of rows with `processBatch`. A run ends where the
+ * watermark moves (timers up to the new watermark fire there, in event-time order) and where an
+ * identity merge happens, so the result never depends on how the input was cut into batches: a
+ * replay from a checkpoint, cut differently, reaches the same state bit for bit.
+ *
+ * The watermark is `max event time − outOfOrdernessMs`, advanced in whole ticks of `tickMs`
+ * (default 1 s) so runs stay long on dense streams.
+ *
+ * Checkpoints are taken at batch boundaries: dirty profiles, aliases, timer changes, de-duplication
+ * ids, outbox records, operator snapshots and the source position go into ONE atomic write.
+ * Restarting from the store resumes at that position: exactly-once state.
+ */
+
+export const META_KEY = 'm/engine';
+const META_VERSION = 1;
+
+/** Control messages travel in band with the data (STYLE practice 9). */
+export type SourceItem =
+  | { readonly kind: 'batch'; readonly batch: EventColumns; readonly position: unknown }
+  | { readonly kind: 'watermark'; readonly ts: number }
+  | { readonly kind: 'barrier' }
+  | { readonly kind: 'end'; readonly asOf?: number };
+
+export interface EngineOptions {
+  /** Operators after the built-in ones (profile), in order. */
+  readonly operators?: readonly Operator[];
+  /** Extra outbox sinks. The dead-letter file sink is added from the config. */
+  readonly sinks?: readonly OutboxSink[];
+  /** Use this store instead of opening one from the config (tests). */
+  readonly store?: KvStore;
+  /** Watermark granularity in ms (default 1000; 1 = advance on every new max event time). */
+  readonly tickMs?: number;
+}
+
+export interface BatchResult {
+  accepted: number;
+  rejected: number;
+}
+
+interface Meta {
+  version: number;
+  epoch: number;
+  watermark: number | null;
+  maxTs: number | null;
+  position: unknown;
+  rejects: Record<string, number>;
+  nextSeq: number;
+  customTypes: string[];
+  dedupeOldestDay: number;
+  accepted: number;
+}
+
+const utf8 = new TextEncoder();
+const utf8d = new TextDecoder();
+
+export class Engine {
+  readonly config: EngineConfig;
+  private readonly store: KvStore;
+  private readonly types = new TypeRegistry();
+  private readonly operators: readonly Operator[];
+  private readonly opByTimerKind = new Map<string, Operator>();
+  private readonly profiles: ProfileTable;
+  private readonly profileSlotIndex: number;
+  private readonly identity: IdentityResolver;
+  private readonly timers = new TimerService();
+  private readonly dedupe: DedupeIndex;
+  private readonly outbox = new Outbox();
+  private readonly ctx: { watermark: number; timers: TimerService; timeZone: string; emit(topic: number, payload: Uint8Array): void };
+  private readonly tickMs: number;
+  private recs: (UserRecord | null)[] = [];
+  private readonly due: DueTimer = { ts: 0, kind: '', user: '' };
+  private wm = Number.NEGATIVE_INFINITY;
+  private maxTs = Number.NEGATIVE_INFINITY;
+  private epoch = 0;
+  private positionValue: unknown = null;
+  private readonly rejects = new Float64Array(REJECT_NAMES.length + 1);
+  private acceptedTotal = 0;
+  private lastCheckpointAt = performance.now();
+  private busy = false;
+  private closed = false;
+  /** Timers that fired for a kind no operator owns (config changed): counted, not lost silently. */
+  orphanTimers = 0;
+
+  private constructor(config: EngineConfig, store: KvStore, opts: EngineOptions) {
+    this.config = config;
+    this.store = store;
+    this.tickMs = opts.tickMs ?? 1000;
+    const profileOp = new ProfileOperator();
+    this.operators = [profileOp, ...(opts.operators ?? [])];
+    const slots: StateSlot<unknown>[] = [];
+    for (const op of this.operators) {
+      if (op.slot !== null) {
+        (op as { slotIndex?: number }).slotIndex = slots.length;
+        slots.push(op.slot);
+      }
+      for (const kind of op.timerKinds) this.opByTimerKind.set(kind, op);
+    }
+    this.profileSlotIndex = profileOp.slotIndex;
+    this.profiles = new ProfileTable(slots, config.state.cacheUsers);
+    this.identity = new IdentityResolver(config.state.cacheUsers);
+    this.dedupe = new DedupeIndex(config.dedupe.horizonMs);
+    const outbox = this.outbox;
+    this.ctx = {
+      watermark: this.wm,
+      timers: this.timers,
+      timeZone: config.time.timeZone,
+      emit(topic: number, payload: Uint8Array) {
+        outbox.append(topic, payload);
+      },
+    };
+    const dlPath = config.deadLetter.path ?? (config.dataDir === null ? null : path.join(config.dataDir, 'deadletter.jsonl'));
+    if (dlPath !== null) this.outbox.addSink(new JsonlFileSink('deadletter', [Topic.deadLetter], dlPath, formatDeadLetter));
+    for (const s of opts.sinks ?? []) this.outbox.addSink(s);
+  }
+
+  /**
+   * Creates an engine and restores it from its state store (resuming after the last checkpoint).
+   *
+   * @example
+   * const engine = await Engine.create({ dataDir: './state' });
+   * await engine.ingest([{ event_id: 'e1', type: 'visit', anonymous_id: 'a1', ts: Date.now() }]);
+   * await engine.close();
+   */
+  static async create(input: ConfigInput = {}, opts: EngineOptions = {}): Promise<Engine> {
+    const config = resolveConfig(input);
+    const store = opts.store ?? openStore(config.state.backend, config.dataDir === null ? null : path.join(config.dataDir, 'state'));
+    await store.open();
+    const engine = new Engine(config, store, opts);
+    try {
+      await engine.restore();
+    } catch (err) {
+      await store.close().catch(() => undefined); // the restore error is the one to report
+      throw err;
+    }
+    return engine;
+  }
+
+  private async restore(): Promise<void> {
+    const raw = await this.store.get(META_KEY);
+    let meta: Meta | null = null;
+    if (raw !== undefined) {
+      try {
+        meta = JSON.parse(utf8d.decode(raw)) as Meta;
+      } catch (err) {
+        throw new CrmError('STATE_CORRUPT', 'checkpoint metadata cannot be parsed', { cause: err });
+      }
+      if (meta.version !== META_VERSION) throw new CrmError('STATE_CORRUPT', `checkpoint format ${meta.version} is not supported`);
+      this.epoch = meta.epoch;
+      this.wm = meta.watermark ?? Number.NEGATIVE_INFINITY;
+      this.maxTs = meta.maxTs ?? Number.NEGATIVE_INFINITY;
+      this.positionValue = meta.position;
+      this.acceptedTotal = meta.accepted;
+      this.types.restoreCustom(meta.customTypes);
+      for (const [name, n] of Object.entries(meta.rejects)) {
+        const code = Reject[name as RejectName];
+        if (code !== undefined) this.rejects[code] = n;
+      }
+    }
+    this.ctx.watermark = this.wm;
+    this.profiles.open(this.store);
+    this.identity.open(this.store);
+    await this.dedupe.open(this.store, meta?.dedupeOldestDay ?? 0);
+    await this.timers.open(this.store, Number.isFinite(this.wm) ? this.wm : -1);
+    await this.outbox.open(this.store, meta?.nextSeq ?? 1);
+    for (const op of this.operators) await op.open(this.store, this.ctx);
+    // Records committed before a crash but not yet handed to sinks go out now.
+    await this.outbox.drain();
+  }
+
+  /** The source position stored with the last checkpoint (null on a fresh store). */
+  get position(): unknown {
+    return this.positionValue;
+  }
+
+  get watermark(): number {
+    return this.wm;
+  }
+
+  /** Rejected events per reason code since the store was created. */
+  rejectCounts(): Record<RejectName, number> {
+    const out = {} as Record<RejectName, number>;
+    for (const name of REJECT_NAMES) out[name] = this.rejects[Reject[name]]!;
+    return out;
+  }
+
+  get acceptedCount(): number {
+    return this.acceptedTotal;
+  }
+
+  /** Consumes a source of batches and control messages until it ends. */
+  async run(source: AsyncIterable<SourceItem>): Promise<void> {
+    for await (const item of source) {
+      switch (item.kind) {
+        case 'batch':
+          await this.ingestColumns(item.batch, item.position);
+          break;
+        case 'watermark':
+          await this.advanceTo(item.ts);
+          break;
+        case 'barrier':
+          await this.checkpoint();
+          break;
+        case 'end':
+          if (item.asOf !== undefined) await this.advanceTo(item.asOf);
+          else if (Number.isFinite(this.maxTs)) await this.advanceTo(this.maxTs);
+          await this.checkpoint();
+          return;
+      }
+    }
+  }
+
+  /**
+   * Processes one batch. `position` is the source position just after it; it becomes durable with
+   * the checkpoint that follows. Checkpoints are taken here when due (interval or dirty profiles).
+   */
+  async ingestColumns(b: EventColumns, position: unknown = this.positionValue): Promise<BatchResult> {
+    this.enter();
+    try {
+      validateStatic(b, this.config, this.types);
+      // The timers this batch can fire must be in memory before the synchronous row loop.
+      let batchMax = Number.NEGATIVE_INFINITY;
+      for (let i = 0; i < b.length; i++) if (b.status[i] === Reject.ok && b.ts[i]! > batchMax) batchMax = b.ts[i]!;
+      if (Number.isFinite(batchMax)) await this.timers.preload(this.tickFloor(batchMax - this.config.time.outOfOrdernessMs));
+      const result = this.processRows(b);
+      this.positionValue = position;
+      this.deadLetterRejected(b);
+      if (this.checkpointDue()) await this.checkpointNow();
+      return result;
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  private tickFloor(t: number): number {
+    return Math.floor(t / this.tickMs) * this.tickMs;
+  }
+
+  private processRows(b: EventColumns): BatchResult {
+    if (this.recs.length < b.length) this.recs = new Array<UserRecord | null>(b.capacity).fill(null);
+    const recs = this.recs;
+    const { status, ts, eventId, userId, anonymousId, typeCode } = b;
+    const lateness = this.config.time.allowedLatenessMs;
+    const ooo = this.config.time.outOfOrdernessMs;
+    let accepted = 0;
+    let runStart = 0;
+    for (let i = 0; i < b.length; i++) {
+      recs[i] = null;
+      if (status[i] !== Reject.ok) continue;
+      const t = ts[i]!;
+      if (t < this.wm - lateness) {
+        b.reject(i, Reject.too_late, `event time ${t} is more than ${lateness} ms behind the watermark ${this.wm}`);
+        continue;
+      }
+      if (this.dedupe.checkAndAdd(eventId[i]!, t)) {
+        b.reject(i, Reject.duplicate, `event_id ${eventId[i]} already seen`);
+        continue;
+      }
+      accepted++;
+      if (t > this.maxTs) this.maxTs = t;
+      const w = this.tickFloor(t - ooo);
+      if (w > this.wm) {
+        this.flushRun(b, runStart, i);
+        runStart = i;
+        this.setWatermark(w);
+      }
+      if (typeCode[i] === EventType.cost) continue; // spend, not a user event: no profile
+      const u = userId[i]!;
+      const a = anonymousId[i]!;
+      let canon: string;
+      if (u !== '') {
+        canon = u;
+        if (a !== '' && this.identity.link(a, u)) {
+          this.flushRun(b, runStart, i);
+          runStart = i;
+          this.mergeProfiles(ANON_PREFIX + a, u);
+        }
+      } else {
+        canon = this.identity.canonicalOfAnonymous(a);
+      }
+      b.canon[i] = canon;
+      recs[i] = this.profiles.load(canon);
+    }
+    this.flushRun(b, runStart, b.length);
+    this.acceptedTotal += accepted;
+    return { accepted, rejected: b.length - accepted };
+  }
+
+  private flushRun(b: EventColumns, start: number, end: number): void {
+    if (end <= start) return;
+    for (const op of this.operators) {
+      try {
+        op.processBatch(b, this.recs, start, end, this.ctx);
+      } catch (err) {
+        throw new CrmError('OPERATOR_FAILED', `operator ${op.name} failed on rows ${start}..${end}`, { cause: err });
+      }
+    }
+  }
+
+  /** Moves the watermark and fires, in event-time order, every timer it passed. */
+  private setWatermark(w: number): void {
+    this.wm = w;
+    this.ctx.watermark = w;
+    for (let t = this.timers.popDue(w, this.due); t !== undefined; t = this.timers.popDue(w, this.due)) {
+      const op = this.opByTimerKind.get(t.kind);
+      if (op === undefined) {
+        this.orphanTimers++;
+        continue;
+      }
+      const rec = this.profiles.load(this.identity.resolve(t.user));
+      try {
+        op.onTimer(rec, t.kind, t.ts, this.ctx);
+      } catch (err) {
+        throw new CrmError('OPERATOR_FAILED', `operator ${op.name} failed on timer ${t.kind}@${t.ts} for ${t.user}`, { cause: err });
+      }
+    }
+    this.dedupe.expire(w);
+  }
+
+  /** Folds the anonymous profile (if any) into the member's and deletes it. */
+  private mergeProfiles(anonId: string, member: string): void {
+    if (!this.profiles.exists(anonId)) return;
+    const from = this.profiles.load(anonId);
+    const into = this.profiles.load(member);
+    for (let k = 0; k < into.slots.length; k++) {
+      const op = this.slotOwner(k);
+      op.slot!.merge(into.slots[k], from.slots[k]);
+    }
+    this.profiles.remove(from);
+  }
+
+  private slotOwner(k: number): Operator {
+    let n = 0;
+    for (const op of this.operators) {
+      if (op.slot === null) continue;
+      if (n++ === k) return op;
+    }
+    throw new CrmError('OPERATOR_FAILED', `no operator owns slot ${k}`);
+  }
+
+  /**
+   * Advances the watermark to `ts` (end of input, `--as-of`, or an idle source) and fires every
+   * timer up to it.
+   */
+  async advanceTo(ts: number): Promise<void> {
+    this.enter();
+    try {
+      if (ts <= this.wm) return;
+      await this.timers.preload(ts);
+      this.setWatermark(ts);
+      if (this.checkpointDue()) await this.checkpointNow();
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  private deadLetterRejected(b: EventColumns): void {
+    const maxPayload = this.config.deadLetter.maxPayloadBytes;
+    for (let i = 0; i < b.length; i++) {
+      const code = b.status[i]!;
+      if (code === Reject.ok) continue;
+      this.rejects[code]!++;
+      const raw = b.raw[i];
+      let payload: Uint8Array;
+      if (raw == null) payload = crmstream.v1.Event.encode(rowToEvent(b, i)).finish();
+      else payload = typeof raw === 'string' ? utf8.encode(raw) : raw;
+      if (payload.length > maxPayload) payload = payload.subarray(0, maxPayload);
+      const ts = b.ts[i]!;
+      const dl = crmstream.v1.DeadLetter.encode({
+        reason: rejectName(code), detail: b.detail[i]!, source: b.origin[i]!, payload,
+        ts: Number.isFinite(ts) ? Math.trunc(ts) : 0,
+      }).finish();
+      this.outbox.append(Topic.deadLetter, dl);
+    }
+  }
+
+  private checkpointDue(): boolean {
+    return (
+      performance.now() - this.lastCheckpointAt >= this.config.checkpoint.intervalMs ||
+      this.profiles.dirtyCount >= this.config.checkpoint.maxDirtyUsers ||
+      this.outbox.pendingCount >= 100_000
+    );
+  }
+
+  /** Takes a checkpoint now: one atomic write of everything changed since the last one. */
+  async checkpoint(): Promise<void> {
+    this.enter();
+    try {
+      await this.checkpointNow();
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  private async checkpointNow(): Promise<void> {
+    const epoch = this.epoch + 1;
+    const ops: WriteOp[] = [];
+    this.profiles.snapshot(ops);
+    this.identity.snapshot(ops);
+    this.timers.snapshot(ops);
+    this.dedupe.snapshot(ops, epoch);
+    this.outbox.snapshot(ops);
+    for (const op of this.operators) op.snapshot(ops);
+    const rejects: Record<string, number> = {};
+    for (const name of REJECT_NAMES) rejects[name] = this.rejects[Reject[name]]!;
+    const meta: Meta = {
+      version: META_VERSION, epoch, watermark: Number.isFinite(this.wm) ? this.wm : null,
+      maxTs: Number.isFinite(this.maxTs) ? this.maxTs : null, position: this.positionValue, rejects,
+      nextSeq: this.outbox.next, customTypes: this.types.customNames(), dedupeOldestDay: this.dedupe.oldest,
+      accepted: this.acceptedTotal,
+    };
+    ops.push({ type: 'put', key: META_KEY, value: utf8.encode(JSON.stringify(meta)) });
+    try {
+      await this.store.write(ops);
+    } catch (err) {
+      throw new CrmError('CHECKPOINT_FAILED', `checkpoint ${epoch} was not written`, { cause: err });
+    }
+    this.epoch = epoch;
+    this.profiles.committed();
+    this.identity.committed();
+    this.timers.committed();
+    this.dedupe.committed();
+    this.outbox.committed();
+    this.lastCheckpointAt = performance.now();
+    await this.outbox.drain();
+  }
+
+  /** Listens to committed outbox records (after the checkpoint that made them durable). */
+  onOutput(fn: (r: OutboxRecord) => void): void {
+    this.outbox.listen(fn);
+  }
+
+  /** A profile by member id or anonymous id, or null. Reads through the cache, never marks dirty. */
+  profile(id: string): ProfileView | null {
+    const canon = this.profiles.exists(id) ? id : this.identity.resolve(ANON_PREFIX + id);
+    const rec = this.profiles.peek(canon);
+    if (rec === undefined) return null;
+    return profileView(canon, rec.slots[this.profileSlotIndex] as ProfileState);
+  }
+
+  /** Every stored profile in id order (after a checkpoint; for exports and tests). */
+  async *profilesStored(): AsyncGenerator<ProfileView> {
+    for await (const entries of this.store.scan({ gte: USER_PREFIX, lt: 'u0' }, 1024)) {
+      for (const e of entries) {
+        const id = e.key.slice(USER_PREFIX.length);
+        const rec = this.profiles.decode(id, e.value);
+        yield profileView(id, rec.slots[this.profileSlotIndex] as ProfileState);
+      }
+    }
+  }
+
+  /** Engine counters for metrics and reports. */
+  stats(): Record<string, number> {
+    return {
+      epoch: this.epoch, watermark: this.wm, accepted: this.acceptedTotal, cachedProfiles: this.profiles.cachedCount,
+      dirtyProfiles: this.profiles.dirtyCount, profileLoads: this.profiles.loads, profileMisses: this.profiles.misses,
+      timersFired: this.timers.fired, orphanTimers: this.orphanTimers, aliases: this.identity.aliasesCreated,
+      identityConflicts: this.identity.conflicts, dedupeIds: this.dedupe.size, outboxAppended: this.outbox.appended,
+    };
+  }
+
+  /** Checkpoints what is pending, then closes operators, sinks and the store (every step runs; errors are combined). */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.checkpoint();
+    this.closed = true;
+    await cleanupAll([
+      ...this.operators.map((op) => () => op.close()),
+      () => this.outbox.close(),
+      () => this.store.close(),
+    ]);
+  }
+
+  private enter(): void {
+    if (this.closed) throw new CrmError('ENGINE_CLOSED', 'the engine is closed');
+    if (this.busy) throw new CrmError('ENGINE_BUSY', 'another ingest, checkpoint or watermark call is in progress; await it first');
+    this.busy = true;
+  }
+
+  /** Read-only access for operators' tests and tools. */
+  get stateStore(): KvStore {
+    return this.store;
+  }
+}
+
+function rowToEvent(b: EventColumns, i: number): crmstream.v1.IEvent {
+  const ts = b.ts[i]!;
+  return {
+    event_id: b.eventId[i]!, type: b.type[i]!, user_id: b.userId[i]!, anonymous_id: b.anonymousId[i]!,
+    ts: Number.isFinite(ts) ? Math.trunc(ts) : 0, amount: Number.isFinite(b.amount[i]!) ? b.amount[i]! : 0,
+    currency: b.currency[i]!, order_id: b.orderId[i]!, channel: b.channel[i]!, platform: b.platform[i]!,
+    campaign_id: b.campaignId[i]!, variant: b.variant[i]!, trigger_id: b.triggerId[i]!, props: b.props[i] ?? {},
+  };
+}
+
+/** Dead letter as a JSON line: the payload as text when it is valid UTF-8, else base64. */
+export function formatDeadLetter(r: OutboxRecord): Record<string, unknown> {
+  const dl = crmstream.v1.DeadLetter.decode(r.payload);
+  let payload: string;
+  let encoding = 'utf8';
+  try {
+    payload = new TextDecoder('utf-8', { fatal: true }).decode(dl.payload);
+  } catch {
+    payload = Buffer.from(dl.payload).toString('base64');
+    encoding = 'base64';
+  }
+  return { reason: dl.reason, detail: dl.detail, source: dl.source, ts: Number(dl.ts) || null, payload, payload_encoding: encoding };
+}

@@ -1,0 +1,187 @@
+import { CrmError } from './errors.js';
+import { BinReader, BinWriter } from '../state/codec.js';
+import type { KvStore, WriteOp } from '../state/store.js';
+import { UserRecord, type StateSlot } from '../operators/operator.js';
+
+/**
+ * Per-user records behind a bounded cache with write-behind.
+ *
+ * Hot path: `load(id)` is a Map lookup; a miss decodes the stored record (one synchronous getSync)
+ * or creates an empty one. Records are only written at checkpoints (`snapshot`), once each however
+ * many events touched them. Eviction is CLOCK (second chance via `touched`) and never evicts a
+ * dirty record: when dirty records alone exceed the bound, the runtime checkpoints sooner
+ * (`needsCheckpoint`) — that is the backpressure that keeps memory bounded.
+ *
+ * Stored record: `u/<id>` → [format 1][slot count] then per slot [slot id][length][slot bytes], so
+ * operators can be added later and old records still decode (missing slots start empty).
+ */
+
+export const USER_PREFIX = 'u/';
+const FORMAT = 1;
+
+export class ProfileTable {
+  private readonly cache = new Map<string, UserRecord>();
+  private readonly dirtyList: UserRecord[] = [];
+  private readonly writer = new BinWriter(512);
+  private readonly scratch = new BinWriter(256);
+  private readonly reader = new BinReader();
+  private readonly slotIndexById = new Map<number, number>();
+  private store: KvStore | null = null;
+  loads = 0;
+  misses = 0;
+
+  constructor(
+    private readonly slots: readonly StateSlot<unknown>[],
+    private readonly capacity: number,
+  ) {
+    slots.forEach((s, i) => this.slotIndexById.set(s.id, i));
+  }
+
+  open(store: KvStore): void {
+    this.store = store;
+  }
+
+  get dirtyCount(): number {
+    return this.dirtyList.length;
+  }
+
+  get cachedCount(): number {
+    return this.cache.size;
+  }
+
+  /** The record for `id`, marked dirty (the caller is about to change it). */
+  load(id: string): UserRecord {
+    this.loads++;
+    let rec = this.cache.get(id);
+    if (rec === undefined) {
+      this.misses++;
+      rec = this.read(id) ?? this.create(id);
+      if (this.cache.size >= this.capacity) this.evict();
+      this.cache.set(id, rec);
+    } else if (rec.deleted) {
+      // Merged away earlier in this epoch and now used again (e.g. a timer for it): start afresh.
+      rec = this.create(id);
+      this.cache.set(id, rec);
+    }
+    rec.touched = true;
+    if (!rec.dirty) {
+      rec.dirty = true;
+      this.dirtyList.push(rec);
+    }
+    return rec;
+  }
+
+  /** Read-only lookup (queries): does not mark dirty or fill the cache. */
+  peek(id: string): UserRecord | undefined {
+    const rec = this.cache.get(id);
+    if (rec !== undefined) return rec.deleted ? undefined : rec;
+    return this.read(id);
+  }
+
+  /** Marks a record deleted (merged into another); removed from the store at the next checkpoint. */
+  remove(rec: UserRecord): void {
+    rec.deleted = true;
+    if (!rec.dirty) {
+      rec.dirty = true;
+      this.dirtyList.push(rec);
+    }
+  }
+
+  /** Whether a stored or cached, not deleted, record exists. */
+  exists(id: string): boolean {
+    const rec = this.cache.get(id);
+    if (rec !== undefined) return !rec.deleted;
+    return this.store?.getSync(USER_PREFIX + id) !== undefined;
+  }
+
+  private create(id: string): UserRecord {
+    const slots = new Array<unknown>(this.slots.length);
+    for (let i = 0; i < this.slots.length; i++) slots[i] = this.slots[i]!.create();
+    return new UserRecord(id, slots);
+  }
+
+  private read(id: string): UserRecord | undefined {
+    const raw = this.store?.getSync(USER_PREFIX + id);
+    if (raw === undefined) return undefined;
+    return this.decode(id, raw);
+  }
+
+  decode(id: string, raw: Uint8Array): UserRecord {
+    const rec = this.create(id);
+    const r = this.reader.reset(raw);
+    try {
+      const format = r.u8();
+      if (format !== FORMAT) throw new RangeError(`unknown record format ${format}`);
+      const n = r.uint();
+      for (let k = 0; k < n; k++) {
+        const slotId = r.uint();
+        const len = r.uint();
+        const end = r.pos + len;
+        const idx = this.slotIndexById.get(slotId);
+        if (idx !== undefined) {
+          r.limit(end);
+          rec.slots[idx] = this.slots[idx]!.decode(r);
+          r.limit(raw.length);
+        }
+        r.pos = end; // skip slots of operators no longer configured
+      }
+    } catch (err) {
+      throw new CrmError('STATE_CORRUPT', `user record ${JSON.stringify(id)} cannot be decoded`, { cause: err });
+    }
+    rec.dirty = false;
+    return rec;
+  }
+
+  encode(rec: UserRecord): Uint8Array {
+    const w = this.writer.reset();
+    w.u8(FORMAT).uint(this.slots.length);
+    for (let i = 0; i < this.slots.length; i++) {
+      const slot = this.slots[i]!;
+      const s = this.scratch.reset();
+      slot.encode(rec.slots[i], s);
+      w.uint(slot.id).bytes(s.written());
+    }
+    return w.take();
+  }
+
+  /** Puts every dirty record (deletes the merged ones) into the checkpoint batch. */
+  snapshot(ops: WriteOp[]): void {
+    for (const rec of this.dirtyList) {
+      if (rec.deleted) ops.push({ type: 'del', key: USER_PREFIX + rec.id });
+      else ops.push({ type: 'put', key: USER_PREFIX + rec.id, value: this.encode(rec) });
+    }
+  }
+
+  /** The checkpoint is durable: records are clean and may be evicted. */
+  committed(): void {
+    for (const rec of this.dirtyList) {
+      rec.dirty = false;
+      if (rec.deleted && this.cache.get(rec.id) === rec) this.cache.delete(rec.id);
+    }
+    this.dirtyList.length = 0;
+  }
+
+  /** CLOCK sweep: frees about 1/16 of the capacity, skipping dirty records. */
+  private evict(): void {
+    let want = Math.max(1, this.capacity >> 4);
+    let budget = this.cache.size * 2;
+    for (const [id, rec] of this.cache) {
+      if (want <= 0 || budget-- <= 0) break;
+      if (rec.dirty) continue;
+      if (rec.touched) {
+        rec.touched = false;
+        // Second chance: move to the back of the clock.
+        this.cache.delete(id);
+        this.cache.set(id, rec);
+        continue;
+      }
+      this.cache.delete(id);
+      want--;
+    }
+  }
+
+  /** Every cached record (for full-state dumps in tests and exports of small states). */
+  cached(): IterableIterator<UserRecord> {
+    return this.cache.values();
+  }
+}

@@ -1,0 +1,40 @@
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { EventColumns } from '../engine/batch.js';
+
+export const DAY = 86_400_000;
+export const HOUR = 3_600_000;
+export const T0 = Date.UTC(2024, 0, 1);
+
+export interface Ev {
+  event_id: string;
+  type: string;
+  user_id?: string;
+  anonymous_id?: string;
+  ts: number;
+  amount?: number;
+  currency?: string;
+  order_id?: string;
+  channel?: string;
+  platform?: string;
+  props?: Record<string, string>;
+}
+
+/** Builds a columnar batch straight from event objects (independent of the JSON/protobuf codecs). */
+export function columnsOf(events: readonly Ev[], capacity = Math.max(1, events.length)): EventColumns {
+  const b = new EventColumns(capacity);
+  for (const e of events) {
+    b.push(e.event_id, e.type, e.user_id ?? '', e.anonymous_id ?? '', e.ts, e.amount ?? Number.NaN, e.currency ?? '',
+      e.order_id ?? '', e.channel ?? '', e.platform ?? '', '', '', '', e.props ?? null, 100, JSON.stringify(e), 'test');
+  }
+  return b;
+}
+
+export function tempDir(prefix = 'crm-test-'): { dir: string; cleanup: () => void } {
+  const dir = mkdtempSync(path.join(os.tmpdir(), prefix));
+  return { dir, cleanup: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+export const PROJECT_ROOT = path.resolve(import.meta.dirname, '..');
+export const SHARED_DATA = path.resolve(PROJECT_ROOT, '../shared/data');
