@@ -11,8 +11,9 @@ import { ProfileTable, USER_PREFIX } from './profiles.js';
 import { JsonlFileSink } from './sinks/jsonl-file.js';
 import { TimerService, type DueTimer } from './timers.js';
 import { validateStatic } from './validate.js';
+import { appendObjectEvent } from '../api/codec.js';
 import { IdentityResolver } from '../operators/identity.js';
-import { ANON_PREFIX, type Operator, type OperatorContext, type StateSlot, type UserRecord } from '../operators/operator.js';
+import { ANON_PREFIX, type Operator, type StateSlot, type UserRecord } from '../operators/operator.js';
 import { ProfileOperator, profileView, type ProfileState, type ProfileView } from '../operators/profile.js';
 import { openStore } from '../state/index.js';
 import type { KvStore, WriteOp } from '../state/store.js';
@@ -92,6 +93,7 @@ export class Engine {
   private readonly ctx: { watermark: number; timers: TimerService; timeZone: string; emit(topic: number, payload: Uint8Array): void };
   private readonly tickMs: number;
   private recs: (UserRecord | null)[] = [];
+  private scratchBatch: EventColumns | null = null;
   private readonly due: DueTimer = { ts: 0, kind: '', user: '' };
   private wm = Number.NEGATIVE_INFINITY;
   private maxTs = Number.NEGATIVE_INFINITY;
@@ -231,6 +233,33 @@ export class Engine {
           return;
       }
     }
+  }
+
+  /**
+   * Ingests events given as objects with the SPEC §1 field names (JSON-shaped; `ts` in ms or
+   * ISO-8601). Bad ones are rejected with a reason code and dead-lettered; the rest are processed.
+   * Returns the counts and, per input event, its reject reason ('' = accepted).
+   *
+   * @example
+   * const r = await engine.ingest([{ event_id: 'e1', type: 'sign_up', user_id: 'u1', anonymous_id: 'a1', ts: Date.now() }]);
+   * // r.accepted === 1, r.reasons[0] === ''
+   */
+  async ingest(events: readonly unknown[]): Promise<BatchResult & { reasons: string[] }> {
+    const rows = this.config.batchRows;
+    const b = this.scratchBatch ?? (this.scratchBatch = new EventColumns(rows));
+    const reasons: string[] = [];
+    let accepted = 0;
+    let rejected = 0;
+    for (let start = 0; start < events.length; start += rows) {
+      b.reset();
+      const end = Math.min(events.length, start + rows);
+      for (let j = start; j < end; j++) appendObjectEvent(b, events[j], 0, null, 'api', this.config.time.timeZone);
+      const r = await this.ingestColumns(b);
+      accepted += r.accepted;
+      rejected += r.rejected;
+      for (let i = 0; i < b.length; i++) reasons.push(b.status[i] === Reject.ok ? '' : rejectName(b.status[i]!));
+    }
+    return { accepted, rejected, reasons };
   }
 
   /**

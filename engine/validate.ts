@@ -20,6 +20,7 @@ const KNOWN = new Map<string, number>(KNOWN_TYPE_NAMES.map((n) => [n, EventType[
  * 1. `missing_type`: `type` is empty.
  * 2. `missing_id`: `event_id` is empty, or both `user_id` and `anonymous_id` are empty (allowed for
  *    `cost`, which is spend, not a user's event).
+ *    Then `bad_encoding` when an id holds a lone UTF-16 surrogate (not representable in UTF-8 keys).
  * 3. `bad_timestamp`: `ts` is not finite or outside `[cfg.time.minTs, cfg.time.maxTs)`. A fraction
  *    of a millisecond is fine.
  * 4. `too_large`: `size` > `cfg.validation.maxEventBytes`, or more props than `cfg.validation.maxProps`.
@@ -41,6 +42,9 @@ const KNOWN = new Map<string, number>(KNOWN_TYPE_NAMES.map((n) => [n, EventType[
  * validateStatic(batch, resolveConfig({}), new TypeRegistry());
  * for (let i = 0; i < batch.length; i++) if (batch.status[i] !== Reject.ok) deadLetter(batch, i);
  */
+/** `String.prototype.isWellFormed` (V8 11.1+, Node 20); typed here because lib es2023 lacks it. */
+const wellFormed = (s: string): boolean => (s as unknown as { isWellFormed(): boolean }).isWellFormed();
+
 export function validateStatic(batch: EventColumns, cfg: EngineConfig, types: TypeRegistry): void {
   const { minTs, maxTs } = cfg.time;
   const { maxEventBytes, maxProps, currency: reporting, currencyRates } = cfg.validation;
@@ -60,6 +64,12 @@ export function validateStatic(batch: EventColumns, cfg: EngineConfig, types: Ty
     }
     if (known !== EventType.cost && userId[i] === '' && anonymousId[i] === '') {
       batch.reject(i, Reject.missing_id, 'user_id and anonymous_id are both empty (one is required)');
+      continue;
+    }
+    if (!wellFormed(eventId[i]!) || !wellFormed(userId[i]!) || !wellFormed(anonymousId[i]!)) {
+      // A lone UTF-16 surrogate cannot be stored as UTF-8: LevelDB would turn it into U+FFFD and
+      // two different ids into one profile.
+      batch.reject(i, Reject.bad_encoding, 'an id contains a lone UTF-16 surrogate');
       continue;
     }
     const t = ts[i] as number;

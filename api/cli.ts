@@ -1,0 +1,202 @@
+#!/usr/bin/env node
+import { readFileSync, realpathSync, createWriteStream, type WriteStream } from 'node:fs';
+import { once } from 'node:events';
+import { fileURLToPath } from 'node:url';
+import { performance } from 'node:perf_hooks';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import cliProgress from 'cli-progress';
+import { Engine, type SourceItem } from '../engine/engine.js';
+import { CrmError } from '../engine/errors.js';
+import type { ConfigInput } from '../engine/config.js';
+import { parseTimestamp } from './codec.js';
+import { parseMap } from './csv.js';
+import { SortedInput, type BackfillPosition, type InputFormat } from './input-files.js';
+import { runDemo } from './demo.js';
+
+/**
+ * The `crmstream` command line (SPEC §9). Flags are a contract outside tools script against: add,
+ * never rename. Exit codes: 0 done and durable; 1 a runtime failure (its error code is printed);
+ * 2 bad usage or configuration.
+ */
+
+function readJsonFile(file: string, what: string): unknown {
+  try {
+    return JSON.parse(readFileSync(file, 'utf8'));
+  } catch (err) {
+    throw new CrmError('CONFIG_INVALID', `${what} ${file}: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+function loadConfig(file: string | undefined, dataDir: string | undefined, tz: string | undefined): ConfigInput {
+  const base = (file === undefined ? {} : readJsonFile(file, 'config file')) as ConfigInput & { time?: Record<string, unknown> };
+  const cfg: ConfigInput = { ...base };
+  if (dataDir !== undefined) cfg.dataDir = dataDir;
+  if (tz !== undefined) cfg.time = { ...(base.time ?? {}), timeZone: tz };
+  return cfg;
+}
+
+function isoTime(value: string): number {
+  const t = parseTimestamp(value, 'UTC');
+  if (Number.isNaN(t)) throw new InvalidArgumentError(`not an ISO-8601 time: ${value}`);
+  return t;
+}
+
+async function backfill(opts: {
+  dataDir: string; input: string[]; format?: InputFormat; map?: string; tz?: string; config?: string; asOf?: number; progress: boolean;
+}): Promise<void> {
+  const config = loadConfig(opts.config, opts.dataDir, opts.tz);
+  const started = performance.now();
+  const engine = await Engine.create(config);
+  const tz = engine.config.time.timeZone;
+  const format: InputFormat = opts.format ?? (opts.input.every((f) => f.endsWith('.csv')) ? 'csv' : 'jsonl');
+  const map = opts.map === undefined ? null : parseMap(readJsonFile(opts.map, 'map file'));
+  const showBar = opts.progress && process.stderr.isTTY === true;
+  const readBar = showBar ? new cliProgress.SingleBar({ format: 'reading  {value} rows', stream: process.stderr }, cliProgress.Presets.shades_classic) : null;
+  readBar?.start(0, 0);
+  const input = await SortedInput.load(opts.input, { format, map, tz, onRead: (n) => readBar?.update(n) });
+  readBar?.stop();
+
+  const pos = engine.position as BackfillPosition | null;
+  if (pos !== null && pos.of !== input.total) {
+    await engine.close();
+    throw new CrmError('CONFIG_INVALID', `${opts.dataDir} holds a backfill of ${pos.of} rows; these inputs have ${input.total}. Use a new --data-dir.`);
+  }
+  const startRow = pos?.row ?? 0;
+  process.stderr.write(`crmstream: ${input.total} rows read; processing from row ${startRow}\n`);
+  const bar = showBar ? new cliProgress.SingleBar({ format: 'events   [{bar}] {percentage}% {value}/{total} {eta_formatted}', stream: process.stderr }, cliProgress.Presets.shades_classic) : null;
+  bar?.start(input.total, startRow);
+  const batchRows = engine.config.batchRows;
+  async function* items(): AsyncGenerator<SourceItem> {
+    for (const item of input.batches(startRow, batchRows)) {
+      yield item;
+      if (item.kind === 'batch') bar?.update((item.position as BackfillPosition).row);
+    }
+    yield opts.asOf === undefined ? { kind: 'end' } : { kind: 'end', asOf: opts.asOf };
+  }
+  await engine.run(items());
+  bar?.stop();
+  const rejects = engine.rejectCounts();
+  const stats = engine.stats();
+  await engine.close();
+  const secs = (performance.now() - started) / 1000;
+  const rejected = Object.values(rejects).reduce((a, b) => a + b, 0);
+  const report = {
+    rows: input.total, resumed_from_row: startRow, accepted: stats['accepted'], rejected,
+    rejects: Object.fromEntries(Object.entries(rejects).filter(([, n]) => n > 0)),
+    watermark: Number.isFinite(stats['watermark']) ? new Date(stats['watermark']!).toISOString() : null,
+    aliases_this_run: stats['aliases'], timers_fired_this_run: stats['timersFired'],
+    seconds: Number(secs.toFixed(3)), rows_per_s: Math.round((input.total - startRow) / secs),
+  };
+  process.stdout.write(JSON.stringify(report) + '\n');
+}
+
+async function exportProfiles(opts: { dataDir: string; format: 'jsonl' | 'csv'; out?: string; config?: string }): Promise<void> {
+  const engine = await Engine.create(loadConfig(opts.config, opts.dataDir, undefined));
+  const out: WriteStream | NodeJS.WriteStream = opts.out === undefined ? process.stdout : createWriteStream(opts.out);
+  let header = false;
+  try {
+    for await (const p of engine.profilesStored()) {
+      let line: string;
+      if (opts.format === 'jsonl') {
+        line = JSON.stringify(p) + '\n';
+      } else {
+        line = Object.values(p).map(csvCell).join(',') + '\n';
+        if (!header) {
+          line = Object.keys(p).join(',') + '\n' + line;
+          header = true;
+        }
+      }
+      // Respect the stream's backpressure: an export of millions of profiles must not buffer them all.
+      if (!out.write(line)) await once(out, 'drain');
+    }
+  } finally {
+    await engine.close();
+    if (out !== process.stdout) await new Promise<void>((resolve, reject) => (out as WriteStream).end((err?: Error | null) => (err ? reject(err) : resolve())));
+  }
+}
+
+function csvCell(v: unknown): string {
+  if (v === null || v === undefined) return '';
+  const s = String(v);
+  return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
+}
+
+function intArg(v: string): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`not a non-negative integer: ${v}`);
+  return n;
+}
+
+export function buildCli(): Command {
+  const program = new Command('crmstream')
+    .description('Real-time CRM analytics: identity, exact KPIs, segments and triggers over event streams')
+    .showHelpAfterError();
+
+  program.command('backfill')
+    .description('process event files in event-time order, advance the watermark, checkpoint')
+    .requiredOption('--data-dir <dir>', 'state directory (created if missing)')
+    .requiredOption('--input <file...>', 'event files')
+    .addOption(new Option('--format <format>', 'input format (default: csv for .csv files, else jsonl)').choices(['jsonl', 'csv']))
+    .option('--map <file>', 'CSV column mapping (JSON)')
+    .option('--tz <zone>', 'time zone for zone-less timestamps and calendar windows (default Asia/Seoul)')
+    .option('--config <file>', 'engine configuration (JSON)')
+    .option('--as-of <iso-time>', 'advance the watermark to this time at the end, firing every timer up to it', isoTime)
+    .option('--no-progress', 'no progress bar even on a terminal')
+    .action(async (o) => backfill(o));
+
+  const exp = program.command('export').description('export state');
+  exp.command('profiles')
+    .description('every profile, one per line')
+    .requiredOption('--data-dir <dir>', 'state directory')
+    .addOption(new Option('--format <format>', 'output format').choices(['jsonl', 'csv']).default('jsonl'))
+    .option('--out <file>', 'output file (default: stdout)')
+    .option('--config <file>', 'engine configuration (JSON)')
+    .action(async (o) => exportProfiles(o));
+
+  program.command('demo')
+    .description('the engine fed by a realistic e-commerce traffic generator, with live stats')
+    .option('--port <port>', 'HTTP/WebSocket port (reserved for the server)', intArg, 8080)
+    .option('--data-dir <dir>', 'state directory (default: a fresh temporary one)')
+    .option('--rate <events_per_s>', 'generated events per second', intArg, 20_000)
+    .option('--duration <seconds>', 'stop after this many seconds (default: until Ctrl-C)', intArg)
+    .option('--users <n>', 'user population of the generator', intArg, 100_000)
+    .action(async (o) => runDemo(o));
+
+  program.command('bench')
+    .description('run the benchmarks, print the table and write JSON to bench/results/')
+    .option('--quick', 'smaller inputs')
+    .action(async (o: { quick?: boolean }) => {
+      const { runBench } = await import('../bench/run.js');
+      await runBench({ quick: o.quick === true });
+    });
+  return program;
+}
+
+export async function main(argv: readonly string[]): Promise<number> {
+  const program = buildCli().exitOverride();
+  // `crmstream export … | head` closes the pipe early: that is the reader's choice, not an error.
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') process.exit(0);
+    throw err;
+  });
+  try {
+    await program.parseAsync(argv as string[]);
+    return 0;
+  } catch (err) {
+    if (err instanceof CrmError) {
+      process.stderr.write(`crmstream: ${err.code}: ${err.message}\n`);
+      if (err.cause !== undefined) process.stderr.write(`  cause: ${(err.cause as Error).message ?? String(err.cause)}\n`);
+      return err.code === 'CONFIG_INVALID' || err.code === 'SOURCE_MAP_INVALID' ? 2 : 1;
+    }
+    const code = (err as { code?: string }).code;
+    if (typeof code === 'string' && code.startsWith('commander.')) {
+      return code === 'commander.helpDisplayed' || code === 'commander.version' ? 0 : 2;
+    }
+    process.stderr.write(`crmstream: ${(err as Error).stack ?? String(err)}\n`);
+    return 1;
+  }
+}
+
+if (process.argv[1] !== undefined && realpathSync(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  process.exitCode = await main(process.argv);
+}
