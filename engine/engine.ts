@@ -505,7 +505,7 @@ export class Engine {
   stats(): Record<string, number> {
     return {
       epoch: this.epoch, watermark: this.wm, accepted: this.acceptedTotal, cachedProfiles: this.profiles.cachedCount,
-      dirtyProfiles: this.profiles.dirtyCount, profileLoads: this.profiles.loads, profileMisses: this.profiles.misses,
+      dirtyProfiles: this.profiles.dirtyCount, profilesCreated: this.profiles.created, profileLoads: this.profiles.loads, profileMisses: this.profiles.misses,
       timersFired: this.timers.fired, orphanTimers: this.orphanTimers, aliases: this.identity.aliasesCreated,
       identityConflicts: this.identity.conflicts, dedupeIds: this.dedupe.size, outboxAppended: this.outbox.appended,
     };

@@ -29,6 +29,8 @@ export class ProfileTable {
   private store: KvStore | null = null;
   loads = 0;
   misses = 0;
+  /** Profiles that did not exist before (this process); merged-away ones are subtracted. */
+  created = 0;
 
   constructor(
     private readonly slots: readonly StateSlot<unknown>[],
@@ -55,12 +57,17 @@ export class ProfileTable {
     let rec = this.cache.get(id);
     if (rec === undefined) {
       this.misses++;
-      rec = this.read(id) ?? this.create(id);
+      rec = this.read(id);
+      if (rec === undefined) {
+        rec = this.create(id);
+        this.created++;
+      }
       if (this.cache.size >= this.capacity) this.evict();
       this.cache.set(id, rec);
     } else if (rec.deleted) {
       // Merged away earlier in this epoch and now used again (e.g. a timer for it): start afresh.
       rec = this.create(id);
+      this.created++;
       this.cache.set(id, rec);
     }
     rec.touched = true;
@@ -81,6 +88,7 @@ export class ProfileTable {
   /** Marks a record deleted (merged into another); removed from the store at the next checkpoint. */
   remove(rec: UserRecord): void {
     rec.deleted = true;
+    this.created--;
     if (!rec.dirty) {
       rec.dirty = true;
       this.dirtyList.push(rec);

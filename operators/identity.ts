@@ -41,10 +41,12 @@ export class IdentityResolver {
     const p = this.pending.get(anon);
     if (p !== undefined) return p;
     const c = this.cache.get(anon);
-    if (c !== undefined) return c;
+    // '' caches "no alias": anonymous visitors who never sign up are most of the traffic, and each
+    // of their events would otherwise cost a store read. link() puts new aliases in `pending`,
+    // which is consulted first, and committed() overwrites the '' entry.
+    if (c !== undefined) return c === '' ? undefined : c;
     const raw = this.store?.getSync(ALIAS_PREFIX + anon);
-    if (raw === undefined) return undefined;
-    const user = utf8d.decode(raw);
+    const user = raw === undefined ? '' : utf8d.decode(raw);
     if (this.cache.size >= this.cacheSize) {
       // Drop the oldest eighth (Map iteration = insertion order): cheap, amortised, bounded.
       let drop = this.cacheSize >> 3;
@@ -54,7 +56,7 @@ export class IdentityResolver {
       }
     }
     this.cache.set(anon, user);
-    return user;
+    return user === '' ? undefined : user;
   }
 
   /** Canonical id of an event that has no user_id. */
@@ -92,7 +94,8 @@ export class IdentityResolver {
 
   committed(): void {
     for (const [anon, user] of this.pending) {
-      if (this.cache.size < this.cacheSize) this.cache.set(anon, user);
+      // Replace a cached "no alias" in any case; add new entries while there is room.
+      if (this.cache.has(anon) || this.cache.size < this.cacheSize) this.cache.set(anon, user);
     }
     this.pending.clear();
   }
