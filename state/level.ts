@@ -16,7 +16,7 @@
 import { mkdir, rm } from 'node:fs/promises';
 import { ClassicLevel, type Iterator, type IteratorOptions } from 'classic-level';
 import { CrmError } from '../engine/errors.js';
-import type { KvEntry, KvStore, Range, WriteOp } from './store.js';
+import { checkBatchSize, copyBytes, emptyScan, normalizeLimit, type KvEntry, type KvStore, type Range, type WriteOp } from './store.js';
 
 /** Entries per yielded scan batch when the caller gives none (same default as MemoryStore). */
 const DEFAULT_BATCH_SIZE = 1024;
@@ -312,27 +312,4 @@ function levelCode(err: unknown): unknown {
 
 function causeOf(err: unknown): unknown {
   return err instanceof Error ? err.cause : undefined;
-}
-
-/** A plain Uint8Array copy (a Buffer's own `slice` would share memory). */
-function copyBytes(value: Uint8Array): Uint8Array {
-  if (!(value instanceof Uint8Array)) {
-    throw new TypeError('WriteOp.value must be a Uint8Array');
-  }
-  return new Uint8Array(value);
-}
-
-/** abstract-level's rule (as in MemoryStore): a non-negative integer limits, anything else means all. */
-function normalizeLimit(limit: number | undefined): number {
-  return limit !== undefined && Number.isInteger(limit) && limit >= 0 ? limit : Infinity;
-}
-
-function checkBatchSize(batchSize: number): void {
-  if (!Number.isInteger(batchSize) || batchSize < 1) {
-    throw new CrmError('CONFIG_INVALID', `scan batchSize must be a positive integer, got ${String(batchSize)}`);
-  }
-}
-
-async function* emptyScan(): AsyncGenerator<readonly KvEntry[]> {
-  // Nothing to yield: a zero limit is not an error.
 }

@@ -14,7 +14,7 @@
  * never blocks or sees writes.
  */
 import { CrmError } from '../engine/errors.js';
-import type { KvEntry, KvStore, Range, WriteOp } from './store.js';
+import { checkBatchSize, copyBytes, emptyScan, normalizeLimit, type KvEntry, type KvStore, type Range, type WriteOp } from './store.js';
 
 /** A chunk is split in two when it grows past this many entries. */
 const CHUNK_MAX = 512;
@@ -323,29 +323,6 @@ export class MemoryStore implements KvStore {
   }
 }
 
-/** A plain Uint8Array copy (a Buffer's own `slice` would share memory). */
-function copyBytes(value: Uint8Array): Uint8Array {
-  if (!(value instanceof Uint8Array)) {
-    throw new TypeError('WriteOp.value must be a Uint8Array');
-  }
-  return new Uint8Array(value);
-}
-
 function closedError(): CrmError {
   return new CrmError('STATE_CLOSED', 'The memory store is not open (open() it first, or it was closed)');
-}
-
-/** abstract-level's rule, so both backends agree: a non-negative integer limits, anything else means all. */
-function normalizeLimit(limit: number | undefined): number {
-  return limit !== undefined && Number.isInteger(limit) && limit >= 0 ? limit : Infinity;
-}
-
-function checkBatchSize(batchSize: number): void {
-  if (!Number.isInteger(batchSize) || batchSize < 1) {
-    throw new CrmError('CONFIG_INVALID', `scan batchSize must be a positive integer, got ${String(batchSize)}`);
-  }
-}
-
-async function* emptyScan(): AsyncGenerator<readonly KvEntry[]> {
-  // Nothing to yield: an empty range is not an error.
 }

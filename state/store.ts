@@ -1,3 +1,5 @@
+import { CrmError } from '../engine/errors.js';
+
 /**
  * The state-store contract. Two backends implement it — `MemoryStore` (tests, ephemeral runs) and
  * `LevelStore` (classic-level / LevelDB, durable) — and one compliance suite
@@ -58,4 +60,28 @@ export interface KvStore {
 export function prefixEnd(prefix: string): string {
   const last = prefix.charCodeAt(prefix.length - 1);
   return prefix.slice(0, -1) + String.fromCharCode(last + 1);
+}
+
+/** A plain Uint8Array copy (a Buffer's own `slice` would share memory). Both backends copy values on write. */
+export function copyBytes(value: Uint8Array): Uint8Array {
+  if (!(value instanceof Uint8Array)) {
+    throw new TypeError('WriteOp.value must be a Uint8Array');
+  }
+  return new Uint8Array(value);
+}
+
+/** abstract-level's rule, so both backends agree: a non-negative integer limits, anything else means all. */
+export function normalizeLimit(limit: number | undefined): number {
+  return limit !== undefined && Number.isInteger(limit) && limit >= 0 ? limit : Infinity;
+}
+
+export function checkBatchSize(batchSize: number): void {
+  if (!Number.isInteger(batchSize) || batchSize < 1) {
+    throw new CrmError('CONFIG_INVALID', `scan batchSize must be a positive integer, got ${String(batchSize)}`);
+  }
+}
+
+/** The scan of an empty range or a zero limit: not an error, just nothing. */
+export async function* emptyScan(): AsyncGenerator<readonly KvEntry[]> {
+  // Nothing to yield.
 }
