@@ -130,7 +130,9 @@ function intArg(v: string): number {
 export function buildCli(): Command {
   const program = new Command('crmstream')
     .description('Real-time CRM analytics: identity, exact KPIs, segments and triggers over event streams')
-    .showHelpAfterError();
+    .showHelpAfterError()
+    // Before the subcommands are added, so they inherit it: usage errors become exit code 2 in main().
+    .exitOverride();
 
   program.command('backfill')
     .description('process event files in event-time order, advance the watermark, checkpoint')
@@ -173,7 +175,7 @@ export function buildCli(): Command {
 }
 
 export async function main(argv: readonly string[]): Promise<number> {
-  const program = buildCli().exitOverride();
+  const program = buildCli();
   // `crmstream export … | head` closes the pipe early: that is the reader's choice, not an error.
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
     if (err.code === 'EPIPE') process.exit(0);
