@@ -12,6 +12,28 @@
  * - semantic checks (ids present, time range, sizes, currency) are NOT done here but by
  *   `engine/validate.ts` `validateStatic`, so every source shares one set of rules.
  *
+ * Protobuf decoding is protobufjs' generated static code (`api/proto/gen`, `npm run proto`), with
+ * two guards around it, both made of protobufjs' own `Reader`, because protobufjs 7 accepts some
+ * truncated input with wrong values instead of throwing:
+ * - protobufjs' `BufferReader` (native UTF-8 string decoding, the fast one) clamps a string that
+ *   runs past the end instead of failing, so a truncated message decodes "successfully" with a
+ *   cut-off id (`Event.decode(buf.subarray(0, 5))` gives `event_id: 'abc'`). Events are decoded
+ *   with `CheckedBufferReader`, a BufferReader whose `string()` checks the bound first, and
+ *   rejects invalid UTF-8 as the proto3 reference parsers do (protobufjs would decode it lossily).
+ * - Before `Event.decode`, the fields are walked once with `Reader.uint32()` / `skipType()`, which
+ *   check every byte against the end (about 5 % of the decode time). protobufjs 7's int64 read
+ *   does not: a varint cut after its 3rd or 4th byte at the end of the message is accepted with a
+ *   wrong value even by the plain `Reader` (a truncated `ts` decodes as a plausible small number;
+ *   protobuf.js#1834 / #2321, fixed by #2322 after 7.x). The walk also rejects field number 0, which
+ *   protobuf forbids and protobufjs skips. Remove it once protobufjs has the fix and the truncation
+ *   tests pass without it.
+ * The walk follows the wire types as sent, the decoder the types declared, so both guards are
+ * needed: a string field sent as a varint passes the walk, and only the view makes the string
+ * read that follows fail when its "length" runs past the end. A known field sent with the wrong
+ * wire type is otherwise read as its declared type: usually that fails (bad_encoding), sometimes it
+ * misreads (a string field sent as varint 0 reads as ''); either way only that event's row is
+ * affected.
+ *
  * Absent values: JSON/CSV can leave `ts` / `amount` out (NaN; validation rejects a purchase
  * without an amount). Protobuf (proto3) cannot tell an absent scalar from its default, so an Event
  * without `amount` has amount 0 (a zero-value purchase is accepted) and one without `ts` has ts 0
@@ -25,18 +47,22 @@
  *
  * @module
  */
-import { Buffer } from 'node:buffer';
+import { Buffer, isUtf8 } from 'node:buffer';
+import $protobuf from 'protobufjs/minimal.js';
 import type { EventColumns } from '../engine/batch.js';
 import { CrmError } from '../engine/errors.js';
 import { Reject } from '../engine/event-types.js';
+import { crmstream } from './proto/gen/crmstream.js';
 
 /** Default zone for zone-less timestamps (SPEC §3, CLI `--tz`). */
 export const DEFAULT_TZ = 'Asia/Seoul';
 
-const EMPTY = Buffer.alloc(0);
-const TWO_32 = 4_294_967_296;
-/** Nested groups deeper than this are malformed (protobufjs uses the same kind of limit). */
-const MAX_GROUP_DEPTH = 32;
+const EMPTY = new Uint8Array(0);
+const EMPTY_BUFFER = Buffer.alloc(0);
+const Reader = $protobuf.Reader;
+const Event = crmstream.v1.Event;
+/** Tag of `EventBatch.events` (field 1, wire type 2). */
+const EVENTS_TAG = 0x0a;
 
 function assertRoom(batch: EventColumns): void {
   if (batch.length >= batch.capacity) {
@@ -44,240 +70,105 @@ function assertRoom(batch: EventColumns): void {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Protobuf (protobufjs static code)
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * protobufjs' `BufferReader` (native UTF-8 decoding of strings straight from the Buffer, the fast
+ * path) with the one method it gets wrong fixed: its `string()` clamps a length that runs past the
+ * end instead of failing (module comment). This `string()` checks the bound first and throws
+ * "index out of range" like the plain `Reader`. protobufjs' plain `Reader` is bounds-checked but
+ * decodes UTF-8 in JavaScript, allocating per string: measured here ~235 k events/s against
+ * ~430 k/s for Buffer decoding.
+ *
+ * One instance is reused for every message (`reset`), so decoding allocates no reader.
+ */
+class CheckedBufferReader extends $protobuf.BufferReader {
+  constructor() {
+    super(Buffer.alloc(0));
+  }
+
+  reset(buf: Buffer): this {
+    this.buf = buf;
+    this.pos = 0;
+    this.len = buf.length;
+    return this;
+  }
+
+  override string(): string {
+    const len = this.uint32();
+    const start = this.pos;
+    const end = start + len;
+    if (end > this.len) throw new RangeError(`index out of range: ${start} + ${len} > ${this.len}`);
+    this.pos = end;
+    if (len === 0) return '';
+    const str = (this.buf as Buffer).toString('utf8', start, end);
+    // proto3 strings must be valid UTF-8 (the reference parsers reject it): an invalid sequence
+    // decodes to U+FFFD, so only a string containing one needs the exact check.
+    if (str.indexOf('\uFFFD') !== -1 && !isUtf8(this.buf.subarray(start, end))) {
+      throw new RangeError(`invalid UTF-8 in a string field at offset ${start}`);
+    }
+    return str;
+  }
+}
+
+const reader = new CheckedBufferReader();
+
+/** `bytes` as a plain Uint8Array (a Buffer's view of the same memory): for framing with the plain `Reader`. */
+function plainView(bytes: Uint8Array): Uint8Array {
+  return Buffer.isBuffer(bytes) ? new Uint8Array(bytes.buffer, bytes.byteOffset, bytes.byteLength) : bytes;
+}
+
+/** `bytes` as a Buffer over the same memory (no copy) for the checked BufferReader. */
 function asBuffer(bytes: Uint8Array): Buffer {
-  // A view, not a copy: Buffer gives us utf8 decoding in C++ and bounds-checked double reads.
   return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Protobuf wire reader
-// ---------------------------------------------------------------------------------------------
-
-/** Thrown inside the decoder only; always caught and turned into a bad_encoding row. */
-class WireError extends Error {}
-
 /**
- * A minimal protobuf wire-format reader over a Buffer, reused for every message (one instance per
- * module: decoding is synchronous and never re-entrant).
- *
- * Why not protobufjs' generated `Event.decode`: (1) it builds an `Event` object per event that we
- * would copy into columns and drop at once — decoding straight into the batch avoids that; (2) its
- * Buffer reader clamps a string that runs past the end of the message instead of failing, so a
- * truncated message decodes "successfully" with a cut-off id (`Event.decode(buf.subarray(0, 5))`
- * yields `event_id: 'abc'`). Here every read is bounds-checked against `end`, and a field whose
- * wire type does not match the schema is skipped as an unknown field, as the reference protobuf
- * implementations do. Strings that are not valid UTF-8 decode with U+FFFD, like protobufjs.
+ * Walks every field of the message in `r.buf[r.pos, r.len)` without decoding it, so that a
+ * message protobufjs' int64 read would accept although truncated (module comment) throws here.
+ * Leaves `r.pos` at `r.len`.
  */
-class WireReader {
-  buf: Buffer = EMPTY;
-  pos = 0;
-  /** Exclusive limit of the current (sub)message. */
-  end = 0;
-
-  reset(buf: Buffer, pos: number, end: number): void {
-    this.buf = buf;
-    this.pos = pos;
-    this.end = end;
-  }
-
-  private byte(): number {
-    if (this.pos >= this.end) throw new WireError(`truncated varint at offset ${this.pos}`);
-    return this.buf[this.pos++] as number;
-  }
-
-  /** A varint that must fit in 32 bits (tags, lengths). */
-  uint32(): number {
-    let b = this.byte();
-    let v = b & 0x7f;
-    if (b < 0x80) return v;
-    b = this.byte();
-    v |= (b & 0x7f) << 7;
-    if (b < 0x80) return v;
-    b = this.byte();
-    v |= (b & 0x7f) << 14;
-    if (b < 0x80) return v;
-    b = this.byte();
-    v |= (b & 0x7f) << 21;
-    if (b < 0x80) return v;
-    b = this.byte();
-    if (b > 0x0f) throw new WireError(`varint over 32 bits at offset ${this.pos - 1}`);
-    return (v | (b << 28)) >>> 0;
-  }
-
-  /** A signed int64 varint as a number (exact below 2^53; ms timestamps always are). */
-  int64(): number {
-    let lo = 0;
-    let hi = 0;
-    let b = 0;
-    for (let i = 0; i < 4; i++) {
-      b = this.byte();
-      lo = (lo | ((b & 0x7f) << (i * 7))) >>> 0;
-      if (b < 0x80) return lo;
-    }
-    b = this.byte();
-    lo = (lo | ((b & 0x7f) << 28)) >>> 0;
-    hi = (b & 0x7f) >> 4;
-    if (b >= 0x80) {
-      let done = false;
-      for (let i = 0; i < 5; i++) {
-        b = this.byte();
-        hi = (hi | ((b & 0x7f) << (i * 7 + 3))) >>> 0;
-        if (b < 0x80) {
-          done = true;
-          break;
-        }
-      }
-      if (!done) throw new WireError(`varint over 64 bits at offset ${this.pos - 1}`);
-    }
-    if (hi >>> 31) {
-      // Two's complement negative, as protobufjs' LongBits.toNumber.
-      lo = (~lo + 1) >>> 0;
-      hi = ~hi >>> 0;
-      if (lo === 0) hi = (hi + 1) >>> 0;
-      return -(lo + hi * TWO_32);
-    }
-    return lo + hi * TWO_32;
-  }
-
-  double(): number {
-    if (this.pos + 8 > this.end) throw new WireError(`truncated double at offset ${this.pos}`);
-    const v = this.buf.readDoubleLE(this.pos);
-    this.pos += 8;
-    return v;
-  }
-
-  /** Reads a length prefix and checks the bytes are there; returns the start offset. */
-  private lengthDelimited(): number {
-    const len = this.uint32();
-    const start = this.pos;
-    if (start + len > this.end) {
-      throw new WireError(`length ${len} at offset ${start} runs past the end of the message (${this.end})`);
-    }
-    this.pos = start + len;
-    return start;
-  }
-
-  string(): string {
-    const start = this.lengthDelimited();
-    return start === this.pos ? '' : this.buf.toString('utf8', start, this.pos);
-  }
-
-  /** Skips a field of any wire type; groups (proto2) are skipped with a depth limit. */
-  skip(tag: number, depth: number): void {
-    if (tag >>> 3 === 0) throw new WireError(`field number 0 at offset ${this.pos}`);
-    switch (tag & 7) {
-      case 0:
-        for (let i = 0; ; i++) {
-          if (i === 10) throw new WireError(`varint over 64 bits at offset ${this.pos}`);
-          if (this.byte() < 0x80) break;
-        }
-        return;
-      case 1:
-        if (this.pos + 8 > this.end) throw new WireError(`truncated fixed64 at offset ${this.pos}`);
-        this.pos += 8;
-        return;
-      case 2:
-        this.lengthDelimited();
-        return;
-      case 3: {
-        if (depth >= MAX_GROUP_DEPTH) throw new WireError('groups nested too deep');
-        for (;;) {
-          const t = this.uint32();
-          if ((t & 7) === 4) {
-            if (t >>> 3 !== tag >>> 3) throw new WireError(`mismatched end-group at offset ${this.pos}`);
-            return;
-          }
-          this.skip(t, depth + 1);
-        }
-      }
-      case 5:
-        if (this.pos + 4 > this.end) throw new WireError(`truncated fixed32 at offset ${this.pos}`);
-        this.pos += 4;
-        return;
-      default:
-        throw new WireError(`invalid wire type ${tag & 7} at offset ${this.pos}`);
-    }
-  }
-
-  /** Reads one map<string,string> entry (field 14) into `props`, creating it on first use. */
-  mapEntry(props: Record<string, string> | null): Record<string, string> {
-    const start = this.lengthDelimited();
-    const entryEnd = this.pos;
-    const outerEnd = this.end;
-    this.pos = start;
-    this.end = entryEnd;
-    let key = '';
-    let value = '';
-    while (this.pos < entryEnd) {
-      const tag = this.uint32();
-      if (tag === 0x0a) key = this.string();
-      else if (tag === 0x12) value = this.string();
-      else this.skip(tag, 0);
-    }
-    this.end = outerEnd;
-    const out = props ?? {};
-    setProp(out, key, value);
-    return out;
-  }
-}
-
-/** Assigns a prop; `__proto__` becomes an own property instead of replacing the prototype. */
-function setProp(obj: Record<string, string>, key: string, value: string): void {
-  if (key === '__proto__') {
-    Object.defineProperty(obj, key, { value, enumerable: true, writable: true, configurable: true });
-  } else {
-    obj[key] = value;
-  }
-}
-
-const wire = new WireReader();
-
-/**
- * Decodes the `Event` in `r.buf[r.pos, r.end)` and appends it. Field values are kept in locals and
- * pushed once at the end, so a message that fails halfway leaves no partial row behind.
- * Absent proto3 scalars are their defaults: `ts` 0 (then rejected as bad_timestamp by validation)
- * and `amount` 0 — protobuf cannot tell "no amount" from 0, so a purchase without an amount is a
- * zero-value purchase here, whereas JSON/CSV can say "absent" (NaN).
- */
-function appendWireEvent(batch: EventColumns, r: WireReader, size: number, raw: Uint8Array, origin: string): number {
-  let eventId = '';
-  let type = '';
-  let userId = '';
-  let anonymousId = '';
-  let ts = 0;
-  let amount = 0;
-  let currency = '';
-  let orderId = '';
-  let channel = '';
-  let platform = '';
-  let campaignId = '';
-  let variant = '';
-  let triggerId = '';
-  let props: Record<string, string> | null = null;
-  while (r.pos < r.end) {
-    // Tag = field number << 3 | wire type; matching on the whole tag means a field sent with the
-    // wrong wire type falls to `default` and is skipped as unknown.
+function checkFields(r: $protobuf.Reader): void {
+  while (r.pos < r.len) {
     const tag = r.uint32();
-    switch (tag) {
-      case 0x0a: eventId = r.string(); break; // 1 event_id
-      case 0x12: type = r.string(); break; // 2 type
-      case 0x1a: userId = r.string(); break; // 3 user_id
-      case 0x22: anonymousId = r.string(); break; // 4 anonymous_id
-      case 0x28: ts = r.int64(); break; // 5 ts (varint)
-      case 0x31: amount = r.double(); break; // 6 amount (fixed64)
-      case 0x3a: currency = r.string(); break; // 7 currency
-      case 0x42: orderId = r.string(); break; // 8 order_id
-      case 0x4a: channel = r.string(); break; // 9 channel
-      case 0x52: platform = r.string(); break; // 10 platform
-      case 0x5a: campaignId = r.string(); break; // 11 campaign_id
-      case 0x62: variant = r.string(); break; // 12 variant
-      case 0x6a: triggerId = r.string(); break; // 13 trigger_id
-      case 0x72: props = r.mapEntry(props); break; // 14 props (map entry)
-      default: r.skip(tag, 0);
-    }
+    if (tag >>> 3 === 0) throw new RangeError(`field number 0 at offset ${r.pos}`);
+    r.skipType(tag & 7);
   }
-  return batch.push(eventId, type, userId, anonymousId, ts, amount, currency, orderId, channel, platform,
-    campaignId, variant, triggerId, props, size, raw, origin);
+}
+
+/**
+ * Decodes the Event in `bytes` with protobufjs' static code. Throws on malformed input; the caller
+ * turns that into a bad_encoding row. One reader serves the check and the decode.
+ */
+function decodeEvent(bytes: Uint8Array): crmstream.v1.Event {
+  const r = reader.reset(asBuffer(bytes));
+  checkFields(r);
+  r.pos = 0;
+  try {
+    return Event.decode(r);
+  } finally {
+    reader.reset(EMPTY_BUFFER); // do not pin the caller's buffer
+  }
+}
+
+/** `props` of a decoded Event (always an own object) as the column stores it: null when empty. */
+function propsOrNull(props: Record<string, string>): Record<string, string> | null {
+  for (const _ in props) return props;
+  return null;
+}
+
+/**
+ * Appends a decoded Event. Absent proto3 fields are protobufjs' prototype defaults: '' for
+ * strings, `ts` 0 (then rejected as bad_timestamp by validation) and `amount` 0 — protobuf cannot
+ * tell "no amount" from 0, so a purchase without an amount is a zero-value purchase here, whereas
+ * JSON/CSV can say "absent" (NaN). `ts` is a plain number because scripts/gen-proto.mjs unsets
+ * `util.Long` (exact below 2^53; ms timestamps always are).
+ */
+function pushEvent(batch: EventColumns, e: crmstream.v1.Event, size: number, raw: Uint8Array, origin: string): number {
+  return batch.push(e.event_id, e.type, e.user_id, e.anonymous_id, e.ts as number, e.amount, e.currency, e.order_id,
+    e.channel, e.platform, e.campaign_id, e.variant, e.trigger_id, propsOrNull(e.props), size, raw, origin);
 }
 
 function errorText(err: unknown): string {
@@ -286,7 +177,8 @@ function errorText(err: unknown): string {
 
 /**
  * Decodes one protobuf `crmstream.v1.Event` (e.g. one Kafka message) and appends it as one row.
- * Malformed bytes (truncated, bad varint, bad wire type) give one `bad_encoding` row.
+ * Malformed bytes (truncated, bad varint, bad wire type, field number 0) give one `bad_encoding`
+ * row carrying `bytes`. A Buffer is read through a plain Uint8Array view of it (module comment).
  *
  * @returns the row index.
  * @example
@@ -294,15 +186,13 @@ function errorText(err: unknown): string {
  */
 export function appendProtoEvent(batch: EventColumns, bytes: Uint8Array, origin: string): number {
   assertRoom(batch);
-  const buf = asBuffer(bytes);
-  wire.reset(buf, 0, buf.length);
+  let e: crmstream.v1.Event;
   try {
-    return appendWireEvent(batch, wire, buf.length, bytes, origin);
+    e = decodeEvent(bytes);
   } catch (err) {
     return batch.pushUndecodable(bytes, bytes.byteLength, origin, Reject.bad_encoding, `protobuf Event: ${errorText(err)}`);
-  } finally {
-    wire.reset(EMPTY, 0, 0); // do not pin the caller's buffer
   }
+  return pushEvent(batch, e, bytes.byteLength, bytes, origin);
 }
 
 /**
@@ -312,9 +202,11 @@ export function appendProtoEvent(batch: EventColumns, bytes: Uint8Array, origin:
  *
  * Framing is checked first, for the whole message: if the outer message is malformed (truncated,
  * an event length past the end) nothing in it can be trusted and it becomes ONE `bad_encoding`
- * row carrying all the bytes. If the framing is sound, each event is decoded on its own: a
- * malformed event becomes a `bad_encoding` row with its own bytes, and its neighbours are kept.
- * An empty message is a valid batch of zero events. Unknown fields of `EventBatch` are skipped.
+ * row carrying all the bytes. If the framing is sound, each event is decoded on its own (protobufjs
+ * `Event.decode` over a `subarray` view of its bytes): a malformed event becomes a `bad_encoding`
+ * row with its own bytes, and its neighbours are kept. An empty message is a valid batch of zero
+ * events. Other fields of `EventBatch` (and field 1 with a wire type other than 2) are skipped as
+ * unknown.
  *
  * @example
  * const reader = new ProtoBatchReader();
@@ -325,7 +217,8 @@ export function appendProtoEvent(batch: EventColumns, bytes: Uint8Array, origin:
  * }
  */
 export class ProtoBatchReader {
-  private bytes: Buffer = EMPTY;
+  /** The message as a plain Uint8Array view (never a Buffer: see the module comment). */
+  private bytes: Uint8Array = EMPTY;
   private origin = '';
   private starts = new Uint32Array(64);
   private ends = new Uint32Array(64);
@@ -339,33 +232,31 @@ export class ProtoBatchReader {
 
   /** Frames `bytes`; returns false when the framing is broken (appendTo then emits one bad_encoding row). */
   reset(bytes: Uint8Array, origin: string): boolean {
-    const buf = asBuffer(bytes);
-    this.bytes = buf;
+    const view = plainView(bytes);
+    this.bytes = view;
     this.origin = origin;
     this.count = 0;
     this.next = 0;
     this.error = '';
     this.pendingError = false;
-    wire.reset(buf, 0, buf.length);
+    const r = Reader.create(view);
     try {
-      while (wire.pos < wire.end) {
-        const tag = wire.uint32();
-        if (tag === 0x0a) { // 1 events (length-delimited)
-          const len = wire.uint32();
-          const start = wire.pos;
-          if (start + len > wire.end) throw new WireError(`event ${this.count}: length ${len} runs past the end of the batch`);
-          wire.pos = start + len;
-          this.frame(start, start + len);
+      while (r.pos < r.len) {
+        const tag = r.uint32();
+        if (tag === EVENTS_TAG) {
+          const len = r.uint32();
+          const start = r.pos;
+          r.skip(len); // throws when the event runs past the end of the batch
+          this.frame(start, r.pos);
         } else {
-          wire.skip(tag, 0);
+          if (tag >>> 3 === 0) throw new RangeError(`field number 0 at offset ${r.pos}`);
+          r.skipType(tag & 7);
         }
       }
     } catch (err) {
+      this.error = `protobuf EventBatch (after ${this.count} events): ${errorText(err)}`;
       this.count = 0;
-      this.error = `protobuf EventBatch: ${errorText(err)}`;
       this.pendingError = true;
-    } finally {
-      wire.reset(EMPTY, 0, 0);
     }
     return !this.pendingError;
   }
@@ -402,20 +293,21 @@ export class ProtoBatchReader {
       batch.pushUndecodable(this.bytes, this.bytes.length, this.origin, Reject.bad_encoding, this.error);
       this.pendingError = false;
     }
-    const buf = this.bytes;
+    const view = this.bytes;
     while (this.next < this.count && !batch.full) {
       const k = this.next++;
       const start = this.starts[k] as number;
       const end = this.ends[k] as number;
-      const raw = buf.subarray(start, end);
-      wire.reset(buf, start, end);
+      const eventView = view.subarray(start, end); // the event's decode input and its raw bytes
+      let e: crmstream.v1.Event;
       try {
-        appendWireEvent(batch, wire, end - start, raw, this.origin);
+        e = decodeEvent(eventView);
       } catch (err) {
-        batch.pushUndecodable(raw, end - start, this.origin, Reject.bad_encoding, `protobuf Event #${k} of batch: ${errorText(err)}`);
+        batch.pushUndecodable(eventView, end - start, this.origin, Reject.bad_encoding, `protobuf Event #${k} of batch: ${errorText(err)}`);
+        continue;
       }
+      pushEvent(batch, e, end - start, eventView, this.origin);
     }
-    wire.reset(EMPTY, 0, 0);
     if (this.done) this.bytes = EMPTY; // do not pin the caller's buffer past its last row
     return batch.length - before;
   }
@@ -754,6 +646,15 @@ function amountField(v: unknown): number {
   }
   fieldError.set(Reject.bad_amount, `amount: expected a number, got ${jsonType(v)}`);
   return Number.NaN;
+}
+
+/** Assigns a prop; `__proto__` becomes an own property instead of replacing the prototype. */
+function setProp(obj: Record<string, string>, key: string, value: string): void {
+  if (key === '__proto__') {
+    Object.defineProperty(obj, key, { value, enumerable: true, writable: true, configurable: true });
+  } else {
+    obj[key] = value;
+  }
 }
 
 function propOk(v: unknown): boolean {

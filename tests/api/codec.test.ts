@@ -48,6 +48,20 @@ const FULL: crmstream.v1.IEvent = {
 };
 
 describe('protobuf Event', () => {
+  it('rejects a string field holding invalid UTF-8 (proto3 requires UTF-8), and keeps a real U+FFFD', () => {
+    const good = Buffer.from(Event.encode({ event_id: 'e\uFFFD1', type: 'visit', anonymous_id: 'a', ts: 1 }).finish());
+    const bad = Buffer.from(good);
+    const at = bad.indexOf(Buffer.from('visit'));
+    bad[at] = 0xff; // 'v' → an invalid UTF-8 byte
+    const b = new EventColumns(2);
+    appendProtoEvent(b, good, 'p');
+    appendProtoEvent(b, bad, 'p');
+    expect(b.status[0]).toBe(Reject.ok);
+    expect(b.eventId[0]).toBe('e\uFFFD1');
+    expect(b.status[1]).toBe(Reject.bad_encoding);
+    expect(b.detail[1]).toContain('UTF-8');
+  });
+
   it('decodes every field of a full event', () => {
     const b = new EventColumns(4);
     const bytes = enc(FULL);
@@ -60,7 +74,7 @@ describe('protobuf Event', () => {
     expect(b.detail[i]).toBe('');
   });
 
-  it('fills every field declared in crmstream.proto (no field forgotten by the hand-written decoder)', () => {
+  it('fills every field declared in crmstream.proto (no field left out of the columns)', () => {
     const root = protobuf.loadSync(path.join(PROJECT_ROOT, 'api/proto/crmstream.proto'));
     const type = root.lookupType('crmstream.v1.Event');
     const camel = (s: string) => s.replace(/_([a-z])/g, (_m, c: string) => c.toUpperCase());
@@ -161,13 +175,88 @@ describe('protobuf Event', () => {
       expect(b.length).toBe(1);
       expect([Reject.ok, Reject.bad_encoding]).toContain(b.status[0]);
       expect(b.raw[0]).toBe(bytes);
-      // No cross-check of acceptance against protobufjs here: a known field sent with the wrong
-      // wire type (e.g. [0x49, 0 × 8]: channel as fixed64) is skipped as unknown by this decoder,
-      // as by the reference implementations, while protobufjs reads it as its declared type.
+      // Cross-check with protobufjs' bounds-checked Reader (bytes is a plain Uint8Array here):
+      // whatever it refuses is refused, whatever is accepted is exactly what it decodes. The
+      // converse does not hold: the field walk also refuses field number 0 and int64 varints cut
+      // at the end, which protobufjs 7 accepts.
+      let decoded: crmstream.v1.Event | null = null;
+      try {
+        decoded = Event.decode(bytes);
+      } catch {
+        decoded = null;
+      }
+      if (decoded === null) expect(b.status[0]).toBe(Reject.bad_encoding);
+      if (b.status[0] === Reject.ok) {
+        const d = decoded as crmstream.v1.Event;
+        const got = { ...row(b, 0), props: null };
+        expect(got).toEqual({
+          event_id: d.event_id, type: d.type, user_id: d.user_id, anonymous_id: d.anonymous_id, ts: d.ts, amount: d.amount,
+          currency: d.currency, order_id: d.order_id, channel: d.channel, platform: d.platform, campaign_id: d.campaign_id,
+          variant: d.variant, trigger_id: d.trigger_id, props: null,
+        });
+        expect(Object.entries(b.props[0] ?? {})).toEqual(Object.entries(d.props));
+      }
     }), { numRuns: 2000 });
   });
 
-  it('rejects malformed wire data: field 0, wire types 6/7, over-long varints, stray end-group', () => {
+  it('reads a Node Buffer through a plain Uint8Array view, so a truncated string is refused, not cut', () => {
+    // The protobufjs pitfall the view avoids: given a Buffer, Reader.create picks BufferReader,
+    // whose string() stops at the end of the input instead of failing. (If this expectation ever
+    // fails, protobufjs has fixed it and the view is merely harmless.)
+    const buf = Buffer.from(enc({ event_id: 'abcdefgh' }));
+    expect(Buffer.isBuffer(buf)).toBe(true);
+    expect(Event.decode(buf.subarray(0, 5)).event_id).toBe('abc');
+    expect(() => Event.decode(new Uint8Array(buf.buffer, buf.byteOffset, 5))).toThrow(RangeError);
+    const b = new EventColumns(2);
+    appendProtoEvent(b, buf.subarray(0, 5), 'p');
+    expect(b.status[0]).toBe(Reject.bad_encoding);
+    expect(b.eventId[0]).toBe('');
+    expect(b.detail[0]).not.toBe('');
+    appendProtoEvent(b, buf, 'p'); // the whole Buffer still decodes
+    expect(b.status[1]).toBe(Reject.ok);
+    expect(b.eventId[1]).toBe('abcdefgh');
+    expect(b.raw[1]).toBe(buf);
+  });
+
+  it('the view also catches what the field walk cannot: a string read whose length runs past the end', () => {
+    // event_id sent as the varint 3, then field 2 as the varint 1: well-formed wire data, so the
+    // field walk passes; protobufjs then reads event_id as a string of 3 bytes where 2 are left.
+    const bytes = Buffer.from([0x08, 0x03, 0x10, 0x01]);
+    expect(Event.decode(bytes).event_id).toBe('\x10\x01'); // BufferReader: cut, no error
+    const b = new EventColumns(1);
+    appendProtoEvent(b, bytes, 'p');
+    expect(b.status[0]).toBe(Reject.bad_encoding);
+    // Inside an EventBatch held in a Buffer, with a neighbour after it.
+    const w = protobuf.Writer.create();
+    w.uint32(10).bytes(bytes);
+    w.uint32(10).bytes(enc({ event_id: 'n', type: 'visit', anonymous_id: 'a', ts: 1 }));
+    const batch = w.finish();
+    expect(Buffer.isBuffer(batch)).toBe(true);
+    const bb = new EventColumns(2);
+    expect(appendProtoBatch(bb, batch, 'http')).toBe(2);
+    expect(Array.from(bb.status)).toEqual([Reject.bad_encoding, Reject.ok]);
+    expect(bb.eventId[1]).toBe('n');
+  });
+
+  it('refuses an int64 varint cut at the end, which protobufjs 7 alone would accept with a wrong value', () => {
+    const full = Uint8Array.from(enc({ ts: 1_569_888_000_123 })); // tag + a 6-byte varint
+    expect(full.length).toBe(7);
+    for (const n of [4, 5]) { // the tag and 3 or 4 bytes of the varint (protobuf.js#2321)
+      const cut = full.subarray(0, n);
+      let lenient: number | string;
+      try {
+        lenient = Event.decode(cut).ts as number;
+      } catch {
+        lenient = 'threw';
+      }
+      expect(lenient, `protobufjs on ${n} bytes (if this fails, protobufjs is fixed: the field walk could go)`).not.toBe('threw');
+      const b = new EventColumns(1);
+      appendProtoEvent(b, cut, 'p');
+      expect(b.status[0], `${n} bytes`).toBe(Reject.bad_encoding);
+    }
+  });
+
+  it('rejects malformed wire data: field 0, wire types 6/7, over-long or cut varints, stray end-group', () => {
     const cases: [string, number[]][] = [
       ['field number 0', [0x00, 0x01]],
       ['wire type 6', [0x0e, 0x01]],
@@ -179,28 +268,78 @@ describe('protobuf Event', () => {
       ['truncated double', [0x31, 0x00, 0x00]],
       ['map entry longer than the message', [0x72, 0x09, 0x0a, 0x01, 0x6b]],
       ['unterminated group', [0x7b, 0x08, 0x01]],
+      ['ts varint cut after 3 bytes', [0x28, 0xfb, 0xb0, 0xf7]],
+      ['ts varint cut after 4 bytes', [0x28, 0xfb, 0xb0, 0xf7, 0xa4]],
     ];
     const b = new EventColumns(cases.length);
     for (const [, bytes] of cases) appendProtoEvent(b, Uint8Array.from(bytes), 'p');
     cases.forEach(([name], i) => expect(b.status[i], name).toBe(Reject.bad_encoding));
   });
 
-  it('skips unknown fields, groups and known fields sent with the wrong wire type', () => {
+  it('skips unknown fields and groups', () => {
     const w = protobuf.Writer.create();
     w.uint32((99 << 3) | 0).uint64(123); // unknown varint
     w.uint32((98 << 3) | 2).string('future'); // unknown bytes
     w.uint32((97 << 3) | 5).fixed32(7); // unknown fixed32
     w.uint32((96 << 3) | 1).fixed64(7); // unknown fixed64
     w.uint32((95 << 3) | 3).uint32((1 << 3) | 0).uint32(5).uint32((95 << 3) | 4); // unknown group
-    w.uint32((1 << 3) | 0).uint32(77); // event_id as a varint: wrong wire type, skipped
+    w.uint32((1 << 3) | 2).string('e-9');
     w.uint32((2 << 3) | 2).string('visit');
     w.uint32((5 << 3) | 0).int64(1_569_888_000_000);
     const b = new EventColumns(1);
     appendProtoEvent(b, w.finish(), 'p');
     expect(b.status[0]).toBe(Reject.ok);
-    expect(b.eventId[0]).toBe('');
+    expect(b.eventId[0]).toBe('e-9');
     expect(b.type[0]).toBe('visit');
     expect(b.ts[0]).toBe(1_569_888_000_000);
+  });
+
+  it('a known field sent with the wrong wire type never throws and never touches its neighbours', () => {
+    // protobufjs reads a known field as its declared type whatever the wire type says: usually
+    // that fails (bad_encoding), sometimes it misreads; only that event's row is affected either way.
+    const declared = new Map<number, number>([[5, 0], [6, 1], [14, 2]]); // others: strings (2)
+    const good = (k: number) => enc({ event_id: `n${k}`, type: 'visit', anonymous_id: 'a', ts: 1_569_888_000_000 + k });
+    const cases: Uint8Array[] = [];
+    for (let field = 1; field <= 14; field++) {
+      for (const wt of [0, 1, 2, 5]) {
+        if (wt === (declared.get(field) ?? 2)) continue;
+        const w = protobuf.Writer.create();
+        w.uint32((2 << 3) | 2).string('visit');
+        w.uint32((field << 3) | wt);
+        if (wt === 0) w.uint64(77);
+        else if (wt === 1) w.fixed64(7);
+        else if (wt === 2) w.string('xyz');
+        else w.fixed32(7);
+        w.uint32((3 << 3) | 2).string('u-1');
+        cases.push(w.finish());
+      }
+    }
+    for (const bytes of cases) {
+      const b = new EventColumns(1);
+      expect(() => appendProtoEvent(b, bytes, 'p')).not.toThrow();
+      expect(b.length).toBe(1);
+      expect([Reject.ok, Reject.bad_encoding]).toContain(b.status[0]);
+      expect(b.raw[0]).toBe(bytes);
+    }
+    // The same events inside one EventBatch, each between two valid neighbours.
+    const w = protobuf.Writer.create();
+    w.uint32(10).bytes(good(0));
+    cases.forEach((bytes, k) => w.uint32(10).bytes(bytes).uint32(10).bytes(good(k + 1)));
+    const b = new EventColumns(2 * cases.length + 1);
+    expect(appendProtoBatch(b, w.finish(), 'http')).toBe(2 * cases.length + 1);
+    for (let k = 0; k <= cases.length; k++) {
+      expect(b.status[2 * k]).toBe(Reject.ok);
+      expect(b.eventId[2 * k]).toBe(`n${k}`);
+      expect(b.ts[2 * k]).toBe(1_569_888_000_000 + k);
+    }
+    for (let k = 0; k < cases.length; k++) {
+      expect([Reject.ok, Reject.bad_encoding]).toContain(b.status[2 * k + 1]);
+      expect(Array.from(b.raw[2 * k + 1] as Uint8Array)).toEqual(Array.from(cases[k] as Uint8Array));
+    }
+    // One outcome pinned: event_id as the varint 77 is read as a string length of 77, past the end.
+    const one = new EventColumns(1);
+    appendProtoEvent(one, Uint8Array.from([0x08, 77, 0x12, 0x01, 0x76]), 'p');
+    expect(one.status[0]).toBe(Reject.bad_encoding);
   });
 
   it('keeps "__proto__" as a plain prop key', () => {
@@ -273,13 +412,22 @@ describe('protobuf EventBatch', () => {
     w.uint32(10).bytes(enc({ event_id: 'ok1', type: 'visit', anonymous_id: 'a', ts: 1 }));
     w.uint32(10).bytes(Uint8Array.from([0x0a, 0x50, 0x61])); // event_id claims 80 bytes, has 1
     w.uint32(10).bytes(enc({ event_id: 'ok2', type: 'visit', anonymous_id: 'a', ts: 2 }));
-    const b = new EventColumns(3);
-    expect(appendProtoBatch(b, w.finish(), 'http')).toBe(3);
-    expect(Array.from(b.status)).toEqual([Reject.ok, Reject.bad_encoding, Reject.ok]);
+    w.uint32(10).bytes(Uint8Array.from([0x12, 0x01, 0x76, 0x28, 0xfb, 0xb0, 0xf7, 0xa4])); // ts cut after 4 bytes
+    w.uint32(10).bytes(enc({ event_id: 'ok3', type: 'visit', anonymous_id: 'a', ts: 3 }));
+    const bytes = w.finish();
+    // A Buffer, and the bad event's bytes are followed by more bytes of the batch: a decoder that
+    // read past the event's end (or a BufferReader clamping) would not notice.
+    expect(Buffer.isBuffer(bytes)).toBe(true);
+    const b = new EventColumns(5);
+    expect(appendProtoBatch(b, bytes, 'http')).toBe(5);
+    expect(Array.from(b.status)).toEqual([Reject.ok, Reject.bad_encoding, Reject.ok, Reject.bad_encoding, Reject.ok]);
     expect(b.eventId[0]).toBe('ok1');
     expect(b.eventId[2]).toBe('ok2');
+    expect(b.eventId[4]).toBe('ok3');
     expect(Array.from(b.raw[1] as Uint8Array)).toEqual([0x0a, 0x50, 0x61]);
     expect(b.detail[1]).toContain('#1');
+    expect(Array.from(b.raw[3] as Uint8Array)).toEqual([0x12, 0x01, 0x76, 0x28, 0xfb, 0xb0, 0xf7, 0xa4]);
+    expect(b.detail[3]).toContain('#3');
   });
 
   it('a batch with broken framing is ONE bad_encoding row holding all its bytes', () => {
