@@ -12,7 +12,8 @@ import { JsonlFileSink } from './sinks/jsonl-file.js';
 import { TimerService, type DueTimer } from './timers.js';
 import { validateStatic } from './validate.js';
 import { appendObjectEvent } from '../api/codec.js';
-import { IdentityResolver } from '../operators/identity.js';
+import { ALIAS_PREFIX, IdentityResolver } from '../operators/identity.js';
+import { FilterNs, KeyFilter } from './key-filter.js';
 import { ANON_PREFIX, type Operator, type StateSlot, type UserRecord } from '../operators/operator.js';
 import { ProfileOperator, profileView, type ProfileState, type ProfileView } from '../operators/profile.js';
 import { openStore } from '../state/index.js';
@@ -88,6 +89,7 @@ export class Engine {
   private readonly profileSlotIndex: number;
   private readonly identity: IdentityResolver;
   private readonly timers = new TimerService();
+  private readonly keyFilter = new KeyFilter();
   private readonly dedupe: DedupeIndex;
   private readonly outbox = new Outbox();
   private readonly ctx: { watermark: number; timers: TimerService; timeZone: string; emit(topic: number, payload: Uint8Array): void };
@@ -122,8 +124,8 @@ export class Engine {
       for (const kind of op.timerKinds) this.opByTimerKind.set(kind, op);
     }
     this.profileSlotIndex = profileOp.slotIndex;
-    this.profiles = new ProfileTable(slots, config.state.cacheUsers);
-    this.identity = new IdentityResolver(config.state.cacheUsers);
+    this.profiles = new ProfileTable(slots, config.state.cacheUsers, this.keyFilter);
+    this.identity = new IdentityResolver(config.state.cacheUsers, this.keyFilter);
     this.dedupe = new DedupeIndex(config.dedupe.horizonMs);
     const outbox = this.outbox;
     this.ctx = {
@@ -183,6 +185,10 @@ export class Engine {
       }
     }
     this.ctx.watermark = this.wm;
+    // Every stored profile and alias key goes into the filter that spares the hot path its
+    // store reads for never-seen ids (one keys scan; the price of a fast first event per user).
+    await this.keyFilter.load(this.store, USER_PREFIX, 'u0', FilterNs.user);
+    await this.keyFilter.load(this.store, ALIAS_PREFIX, 'a0', FilterNs.alias);
     this.profiles.open(this.store);
     this.identity.open(this.store);
     await this.dedupe.open(this.store, meta?.dedupeOldestDay ?? 0);

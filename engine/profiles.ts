@@ -2,6 +2,7 @@ import { CrmError } from './errors.js';
 import { BinReader, BinWriter } from '../state/codec.js';
 import type { KvStore, WriteOp } from '../state/store.js';
 import { UserRecord, type StateSlot } from '../operators/operator.js';
+import { FilterNs, type KeyFilter } from './key-filter.js';
 
 /**
  * Per-user records behind a bounded cache with write-behind.
@@ -35,6 +36,8 @@ export class ProfileTable {
   constructor(
     private readonly slots: readonly StateSlot<unknown>[],
     private readonly capacity: number,
+    /** Answers "no such profile" without a store read for ids never seen. */
+    private readonly filter: KeyFilter,
   ) {
     slots.forEach((s, i) => this.slotIndexById.set(s.id, i));
   }
@@ -60,6 +63,7 @@ export class ProfileTable {
       rec = this.read(id);
       if (rec === undefined) {
         rec = this.create(id);
+        this.filter.add(FilterNs.user, id);
         this.created++;
       }
       if (this.cache.size >= this.capacity) this.evict();
@@ -99,7 +103,7 @@ export class ProfileTable {
   exists(id: string): boolean {
     const rec = this.cache.get(id);
     if (rec !== undefined) return !rec.deleted;
-    return this.store?.getSync(USER_PREFIX + id) !== undefined;
+    return this.filter.mightContain(FilterNs.user, id) && this.store?.getSync(USER_PREFIX + id) !== undefined;
   }
 
   private create(id: string): UserRecord {
@@ -109,6 +113,7 @@ export class ProfileTable {
   }
 
   private read(id: string): UserRecord | undefined {
+    if (!this.filter.mightContain(FilterNs.user, id)) return undefined;
     const raw = this.store?.getSync(USER_PREFIX + id);
     if (raw === undefined) return undefined;
     return this.decode(id, raw);

@@ -1,5 +1,6 @@
 import type { KvStore, WriteOp } from '../state/store.js';
 import { ANON_PREFIX } from './operator.js';
+import { FilterNs, type KeyFilter } from '../engine/key-filter.js';
 
 /**
  * Identity stitching (SPEC §2): anonymous ids are aliased to member ids, and every event is keyed by
@@ -30,7 +31,11 @@ export class IdentityResolver {
   conflicts = 0;
   aliasesCreated = 0;
 
-  constructor(private readonly cacheSize: number) {}
+  constructor(
+    private readonly cacheSize: number,
+    /** Answers "never aliased" without a store read for most new anonymous ids. */
+    private readonly filter: KeyFilter,
+  ) {}
 
   open(store: KvStore): void {
     this.store = store;
@@ -45,7 +50,7 @@ export class IdentityResolver {
     // of their events would otherwise cost a store read. link() puts new aliases in `pending`,
     // which is consulted first, and committed() overwrites the '' entry.
     if (c !== undefined) return c === '' ? undefined : c;
-    const raw = this.store?.getSync(ALIAS_PREFIX + anon);
+    const raw = this.filter.mightContain(FilterNs.alias, anon) ? this.store?.getSync(ALIAS_PREFIX + anon) : undefined;
     const user = raw === undefined ? '' : utf8d.decode(raw);
     if (this.cache.size >= this.cacheSize) {
       // Drop the oldest eighth (Map iteration = insertion order): cheap, amortised, bounded.
@@ -75,6 +80,7 @@ export class IdentityResolver {
       return false;
     }
     this.pending.set(anon, user);
+    this.filter.add(FilterNs.alias, anon);
     this.aliasesCreated++;
     return true;
   }
