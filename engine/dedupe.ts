@@ -48,6 +48,8 @@ export class DedupeIndex {
   /** Delta records in the store; replaced by one snapshot after a rebuild. */
   private storedKeys: string[] = [];
   private rebuilt = false;
+  /** The record the pending checkpoint writes (null: none). */
+  private snapshotKey: string | null = null;
   private oldestDay = 0;
   private readonly horizonDays: number;
 
@@ -129,23 +131,27 @@ export class DedupeIndex {
     this.rebuilt = true;
   }
 
-  /** Adds this epoch's changes to the checkpoint batch. */
+  /** Adds this epoch's changes to the checkpoint batch. Pure: `committed()` applies the bookkeeping. */
   snapshot(ops: WriteOp[], epoch: number): void {
     const key = DEDUPE_PREFIX + epoch.toString(16).padStart(12, '0');
+    this.snapshotKey = null;
     if (this.rebuilt) {
       for (const k of this.storedKeys) ops.push({ type: 'del', key: k });
-      this.storedKeys = [];
       const all: number[] = [];
       for (let i = 0; i < this.cap; i++) if (this.day[i] !== 0) all.push(this.hi[i]!, this.lo[i]!, this.day[i]!);
       ops.push({ type: 'put', key, value: new Uint8Array(Uint32Array.from(all).buffer) });
-      this.storedKeys.push(key);
+      this.snapshotKey = key;
     } else if (this.delta.length > 0) {
       ops.push({ type: 'put', key, value: new Uint8Array(Uint32Array.from(this.delta).buffer) });
-      this.storedKeys.push(key);
+      this.snapshotKey = key;
     }
   }
 
+  /** The checkpoint is durable (if it failed, nothing changed here and the next one retries). */
   committed(): void {
+    if (this.rebuilt) this.storedKeys = [];
+    if (this.snapshotKey !== null) this.storedKeys.push(this.snapshotKey);
+    this.snapshotKey = null;
     this.delta = [];
     this.rebuilt = false;
   }

@@ -106,6 +106,12 @@ export class Engine {
   private lastCheckpointAt = performance.now();
   private busy = false;
   private closed = false;
+  /**
+   * Set when processing failed half-way: memory may hold part of a batch. Nothing more is
+   * processed and nothing more is checkpointed, so the durable state stays the last consistent
+   * one and a restart resumes from it (exactly-once is kept, not papered over).
+   */
+  private failure: unknown = null;
   /** Timers that fired for a kind no operator owns (config changed): counted, not lost silently. */
   orphanTimers = 0;
 
@@ -280,9 +286,15 @@ export class Engine {
       let batchMax = Number.NEGATIVE_INFINITY;
       for (let i = 0; i < b.length; i++) if (b.status[i] === Reject.ok && b.ts[i]! > batchMax) batchMax = b.ts[i]!;
       if (Number.isFinite(batchMax)) await this.timers.preload(this.tickFloor(batchMax - this.config.time.outOfOrdernessMs));
-      const result = this.processRows(b);
-      this.positionValue = position;
-      this.deadLetterRejected(b);
+      let result: BatchResult;
+      try {
+        result = this.processRows(b);
+        this.positionValue = position;
+        this.deadLetterRejected(b);
+      } catch (err) {
+        this.failure = err;
+        throw err;
+      }
       if (this.checkpointDue()) await this.checkpointNow();
       return result;
     } finally {
@@ -405,7 +417,12 @@ export class Engine {
     try {
       if (ts <= this.wm) return;
       await this.timers.preload(ts);
-      this.setWatermark(ts);
+      try {
+        this.setWatermark(ts);
+      } catch (err) {
+        this.failure = err;
+        throw err;
+      }
       if (this.checkpointDue()) await this.checkpointNow();
     } finally {
       this.busy = false;
@@ -517,10 +534,13 @@ export class Engine {
     };
   }
 
-  /** Checkpoints what is pending, then closes operators, sinks and the store (every step runs; errors are combined). */
+  /**
+   * Checkpoints what is pending (unless processing failed half-way: then the last checkpoint stands),
+   * then closes operators, sinks and the store (every step runs; errors are combined).
+   */
   async close(): Promise<void> {
     if (this.closed) return;
-    await this.checkpoint();
+    if (this.failure === null) await this.checkpoint();
     this.closed = true;
     await cleanupAll([
       ...this.operators.map((op) => () => op.close()),
@@ -531,6 +551,9 @@ export class Engine {
 
   private enter(): void {
     if (this.closed) throw new CrmError('ENGINE_CLOSED', 'the engine is closed');
+    if (this.failure !== null) {
+      throw new CrmError('ENGINE_FAILED', 'an earlier batch failed half-way; restart the engine to resume from the last checkpoint', { cause: this.failure });
+    }
     if (this.busy) throw new CrmError('ENGINE_BUSY', 'another ingest, checkpoint or watermark call is in progress; await it first');
     this.busy = true;
   }

@@ -13,6 +13,7 @@ export const ErrorCodes = {
   SOURCE_MAP_INVALID: { retriable: false, doc: 'A --map column mapping is malformed or names a missing column.' },
   INPUT_TOO_LARGE: { retriable: false, doc: 'The input exceeds a configured size limit.' },
   ENGINE_CLOSED: { retriable: false, doc: 'The engine was used after close().' },
+  ENGINE_FAILED: { retriable: false, doc: 'A batch failed half-way (an operator threw); the in-memory state is no longer the checkpointed one. Restart: the engine resumes from the last checkpoint.' },
   ENGINE_BUSY: { retriable: true, doc: 'A second ingest was started while one is running; await the first.' },
   OPERATOR_FAILED: { retriable: false, doc: 'An operator threw while processing a batch or timer.' },
   CHECKPOINT_FAILED: { retriable: true, doc: 'The atomic checkpoint write failed; nothing of it became durable.' },

@@ -162,3 +162,33 @@ describe('durable state with the level backend', () => {
     }
   });
 });
+
+describe('failure half-way through a batch', () => {
+  it('stops the engine without checkpointing the partial batch; a restart resumes from the last checkpoint', async () => {
+    const { dir, cleanup } = tempDir();
+    try {
+      class Exploding extends ReminderOperator {
+        override processBatch(...args: Parameters<ReminderOperator['processBatch']>): void {
+          const [b, , start, end] = args;
+          for (let i = start; i < end; i++) if (b.eventId[i] === 'boom') throw new Error('operator bug');
+          super.processBatch(...args);
+        }
+      }
+      let engine = await Engine.create({ dataDir: dir }, { operators: [new Exploding()], tickMs: 1 });
+      await engine.ingestColumns(columnsOf([{ event_id: 'a', type: 'visit', user_id: 'u', ts: T0 }]), { row: 1 });
+      await engine.checkpoint();
+      await expect(engine.ingestColumns(columnsOf([
+        { event_id: 'b', type: 'visit', user_id: 'u', ts: T0 + 1 },
+        { event_id: 'boom', type: 'visit', user_id: 'u', ts: T0 + 2 },
+      ]), { row: 3 })).rejects.toMatchObject({ code: 'OPERATOR_FAILED' });
+      await expect(engine.ingestColumns(columnsOf([{ event_id: 'c', type: 'visit', user_id: 'u', ts: T0 + 3 }]))).rejects.toMatchObject({ code: 'ENGINE_FAILED' });
+      await engine.close(); // must not persist the half-applied batch
+      engine = await Engine.create({ dataDir: dir }, { operators: [new ReminderOperator()], tickMs: 1 });
+      expect(engine.position).toEqual({ row: 1 });
+      expect(engine.profile('u')!.events).toBe(1);
+      await engine.close();
+    } finally {
+      cleanup();
+    }
+  });
+});
