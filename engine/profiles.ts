@@ -174,16 +174,21 @@ export class ProfileTable {
     this.dirtyList.length = 0;
   }
 
-  /** CLOCK sweep: frees about 1/16 of the capacity, skipping dirty records. */
+  /**
+   * CLOCK sweep: frees up to 1/16 of the capacity. Dirty records cannot go (they are written at the
+   * next checkpoint) and touched ones get a second chance; both move to the back, so the next
+   * sweep starts with fresh candidates. The work per call is bounded, and a cache of only dirty
+   * records returns at once: then it grows past its bound until the checkpoint that
+   * `checkpoint.maxDirtyUsers` forces — O(1) per miss either way, never a scan per miss.
+   */
   private evict(): void {
+    if (this.cache.size - this.dirtyList.length <= 0) return;
     let want = Math.max(1, this.capacity >> 4);
-    let budget = this.cache.size * 2;
+    let budget = want * 4;
     for (const [id, rec] of this.cache) {
       if (want <= 0 || budget-- <= 0) break;
-      if (rec.dirty) continue;
-      if (rec.touched) {
+      if (rec.dirty || rec.touched) {
         rec.touched = false;
-        // Second chance: move to the back of the clock.
         this.cache.delete(id);
         this.cache.set(id, rec);
         continue;
