@@ -1,4 +1,5 @@
 import type { KvStore, WriteOp } from '../state/store.js';
+import { hashA, hashB } from './hash.js';
 
 /**
  * De-duplication on event_id within a horizon of event time (default 7 days).
@@ -15,26 +16,6 @@ import type { KvStore, WriteOp } from '../state/store.js';
 
 const DAY = 86_400_000;
 export const DEDUPE_PREFIX = 'd/';
-
-function hashA(s: string): number {
-  let h = 0x811c9dc5;
-  for (let i = 0; i < s.length; i++) {
-    h ^= s.charCodeAt(i);
-    h = Math.imul(h, 0x01000193);
-  }
-  return h >>> 0;
-}
-
-function hashB(s: string): number {
-  // A second, independent hash: different basis, processes code units from the end, final avalanche.
-  let h = 0x9747b28c ^ s.length;
-  for (let i = s.length - 1; i >= 0; i--) {
-    h = Math.imul(h ^ s.charCodeAt(i), 0x5bd1e995);
-    h ^= h >>> 15;
-  }
-  h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35);
-  return (h ^ (h >>> 16)) >>> 0;
-}
 
 export class DedupeIndex {
   private cap: number;
@@ -70,8 +51,8 @@ export class DedupeIndex {
    * and returns false.
    */
   checkAndAdd(eventId: string, ts: number): boolean {
-    const a = hashA(eventId);
-    const b = hashB(eventId);
+    const a = hashA(0, eventId);
+    const b = hashB(0, eventId);
     if (this.find(a, b)) return true;
     const d = Math.floor(ts / DAY) + 1;
     this.insert(a, b, d);

@@ -1,4 +1,5 @@
 import type { KvStore } from '../state/store.js';
+import { hashA, hashB } from './hash.js';
 
 /**
  * "Could this key be in the store?" — a scalable Bloom filter over every profile and alias key, so
@@ -30,21 +31,9 @@ class Layer {
   }
 }
 
-/** Two independent 32-bit hashes of (namespace, key) without building the prefixed string. */
-function h1(ns: number, s: string): number {
-  let h = (0x811c9dc5 ^ ns) >>> 0;
-  for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 0x01000193);
-  return h >>> 0;
-}
-function h2(ns: number, s: string): number {
-  let h = 0x9747b28c ^ Math.imul(ns + 1, 0x5bd1e995) ^ s.length;
-  for (let i = s.length - 1; i >= 0; i--) {
-    h = Math.imul(h ^ s.charCodeAt(i), 0x5bd1e995);
-    h ^= h >>> 15;
-  }
-  h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35);
-  return (h ^ (h >>> 16)) | 1; // odd: a full cycle for double hashing
-}
+/** Double-hashing bases for (namespace, key), without building the prefixed string; the step is odd (a full cycle). */
+const h1 = hashA;
+const h2 = (ns: number, s: string): number => hashB(ns, s) | 1;
 
 export class KeyFilter {
   private layers: Layer[];
