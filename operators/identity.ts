@@ -1,6 +1,7 @@
 import type { KvStore, WriteOp } from '../state/store.js';
 import { ANON_PREFIX } from './operator.js';
 import { FilterNs, type KeyFilter } from '../engine/key-filter.js';
+import { GenerationalCache } from '../engine/gen-cache.js';
 
 /**
  * Identity stitching (SPEC §2): anonymous ids are aliased to member ids, and every event is keyed by
@@ -23,7 +24,7 @@ const utf8 = new TextEncoder();
 const utf8d = new TextDecoder();
 
 export class IdentityResolver {
-  private readonly cache = new Map<string, string>();
+  private readonly cache: GenerationalCache<string>;
   /** Aliases created this epoch (not yet durable); never evicted before the checkpoint. */
   private readonly pending = new Map<string, string>();
   private store: KvStore | null = null;
@@ -32,10 +33,12 @@ export class IdentityResolver {
   aliasesCreated = 0;
 
   constructor(
-    private readonly cacheSize: number,
+    cacheSize: number,
     /** Answers "never aliased" without a store read for most new anonymous ids. */
     private readonly filter: KeyFilter,
-  ) {}
+  ) {
+    this.cache = new GenerationalCache(cacheSize);
+  }
 
   open(store: KvStore): void {
     this.store = store;
@@ -43,23 +46,16 @@ export class IdentityResolver {
 
   /** The member an anonymous id is aliased to, or undefined. */
   aliasOf(anon: string): string | undefined {
-    const p = this.pending.get(anon);
-    if (p !== undefined) return p;
     const c = this.cache.get(anon);
     // '' caches "no alias": anonymous visitors who never sign up are most of the traffic, and each
-    // of their events would otherwise cost a store read. link() puts new aliases in `pending`,
-    // which is consulted first, and committed() overwrites the '' entry.
+    // of their events would otherwise cost a store read. link() writes new aliases into the cache
+    // too (over any ''), so one lookup answers almost every event; `pending` (not yet durable)
+    // is the fallback for an alias the bounded cache has already dropped.
     if (c !== undefined) return c === '' ? undefined : c;
+    const p = this.pending.get(anon);
+    if (p !== undefined) return p;
     const raw = this.filter.mightContain(FilterNs.alias, anon) ? this.store?.getSync(ALIAS_PREFIX + anon) : undefined;
     const user = raw === undefined ? '' : utf8d.decode(raw);
-    if (this.cache.size >= this.cacheSize) {
-      // Drop the oldest eighth (Map iteration = insertion order): cheap, amortised, bounded.
-      let drop = this.cacheSize >> 3;
-      for (const k of this.cache.keys()) {
-        this.cache.delete(k);
-        if (--drop <= 0) break;
-      }
-    }
     this.cache.set(anon, user);
     return user === '' ? undefined : user;
   }
@@ -80,6 +76,7 @@ export class IdentityResolver {
       return false;
     }
     this.pending.set(anon, user);
+    this.cache.set(anon, user);
     this.filter.add(FilterNs.alias, anon);
     this.aliasesCreated++;
     return true;
@@ -99,10 +96,6 @@ export class IdentityResolver {
   }
 
   committed(): void {
-    for (const [anon, user] of this.pending) {
-      // Replace a cached "no alias" in any case; add new entries while there is room.
-      if (this.cache.has(anon) || this.cache.size < this.cacheSize) this.cache.set(anon, user);
-    }
     this.pending.clear();
   }
 }
