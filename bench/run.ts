@@ -14,6 +14,7 @@
 import { pathToFileURL } from 'node:url';
 import { decodeScenario, runDecodeMicroSuite } from './decode.bench.js';
 import { engineCoreScenario, engineLevelScenario } from './engine.bench.js';
+import { restartScenario } from './restart.bench.js';
 import { markdownTable, runScenarios, writeResults, type BenchResult, type Scenario } from './harness.js';
 
 /** Every scenario, in run order: the baseline first. Add yours here (one file per scenario in bench/). */
@@ -21,6 +22,7 @@ export const SCENARIOS: readonly Scenario[] = [
   decodeScenario,
   engineCoreScenario as Scenario,
   engineLevelScenario as Scenario,
+  restartScenario as Scenario,
 ];
 
 /** The benny micro-suites run with --micro. */
