@@ -139,13 +139,24 @@ export class DedupeIndex {
 
   async open(store: KvStore, oldestDay: number): Promise<void> {
     this.oldestDay = oldestDay;
-    for await (const entries of store.scan({ gte: DEDUPE_PREFIX, lt: 'd0' }, 64)) {
-      for (const e of entries) {
+    const records: Uint8Array[] = [];
+    let entries = 0;
+    for await (const batch of store.scan({ gte: DEDUPE_PREFIX, lt: 'd0' }, 64)) {
+      for (const e of batch) {
         this.storedKeys.push(e.key);
-        // Copy: the view must be 4-byte aligned, store buffers need not be.
-        const words = new Uint32Array(e.value.slice().buffer);
-        for (let i = 0; i + 2 < words.length; i += 3) this.insert(words[i]!, words[i + 1]!, words[i + 2]!);
+        records.push(e.value);
+        entries += Math.floor(e.value.length / 12);
       }
+    }
+    // Size the table once for everything stored: growing by doubling from 64 k slots would
+    // rehash millions of ids several times on every restart.
+    let cap = this.cap;
+    while ((this.count + entries) * 2 > cap) cap *= 2;
+    if (cap !== this.cap) this.resize(cap);
+    for (const value of records) {
+      // Copy: a Uint32Array view must be 4-byte aligned, store buffers need not be.
+      const words = new Uint32Array(value.slice().buffer);
+      for (let i = 0; i + 2 < words.length; i += 3) this.insert(words[i]!, words[i + 1]!, words[i + 2]!);
     }
   }
 
