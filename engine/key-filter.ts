@@ -79,9 +79,9 @@ export class KeyFilter {
   /** Adds every stored key under `prefix` (namespace `ns`): one scan at open. */
   async load(store: KvStore, prefix: string, end: string, ns: number): Promise<number> {
     let n = 0;
-    for await (const entries of store.scan({ gte: prefix, lt: end }, 4096)) {
-      for (const e of entries) this.add(ns, e.key.slice(prefix.length));
-      n += entries.length;
+    for await (const keys of store.scanKeys({ gte: prefix, lt: end }, 4096)) {
+      for (const key of keys) this.add(ns, key.slice(prefix.length));
+      n += keys.length;
     }
     return n;
   }

@@ -154,7 +154,27 @@ export class LevelStore implements KvStore {
     } catch (err) {
       throw wrapError(err, 'scan');
     }
-    return drain(iterator, batchSize);
+    return drain(iterator, batchSize, toEntry);
+  }
+
+  /** Keys only (LevelDB's keys iterator: values are not read or copied). Same snapshot semantics as scan(). */
+  scanKeys(range: Range, batchSize: number = DEFAULT_BATCH_SIZE): AsyncIterable<readonly string[]> {
+    const db = this.openDb();
+    checkBatchSize(batchSize);
+    const limit = normalizeLimit(range.limit);
+    if (limit === 0) return emptyScan();
+    const options: { gte?: string; lt?: string; reverse: boolean; limit: number; highWaterMarkBytes: number } = {
+      reverse: range.reverse === true,
+      limit: limit === Infinity ? -1 : limit,
+      highWaterMarkBytes: HIGH_WATER_MARK_BYTES,
+    };
+    if (range.gte !== undefined) options.gte = range.gte;
+    if (range.lt !== undefined) options.lt = range.lt;
+    try {
+      return drain(db.keys<string>(options), batchSize, same);
+    } catch (err) {
+      throw wrapError(err, 'scan');
+    }
   }
 
   /**
@@ -241,18 +261,22 @@ async function commit(db: ClassicLevel<string, Uint8Array>, batch: LevelOp[], ac
   }
 }
 
-/** The batching loop of scan(); fills each batch, since `nextv` stops early at the byte limit. */
-async function* drain(
-  iterator: LevelIterator,
+/**
+ * The batching loop of scan() and scanKeys(); fills each batch, since `nextv` stops early at the
+ * byte limit. `map` turns one item of the iterator into one item of the batch.
+ */
+async function* drain<I, O>(
+  iterator: { nextv(size: number): Promise<I[]>; close(): Promise<void> },
   batchSize: number,
-): AsyncGenerator<readonly KvEntry[]> {
+  map: (item: I) => O,
+): AsyncGenerator<readonly O[]> {
   let failure: unknown = undefined;
   try {
     let ended = false;
     while (!ended) {
-      const batch: KvEntry[] = [];
+      const batch: O[] = [];
       while (batch.length < batchSize) {
-        let got: Array<[string, Uint8Array]>;
+        let got: I[];
         try {
           got = await iterator.nextv(batchSize - batch.length);
         } catch (err) {
@@ -262,7 +286,7 @@ async function* drain(
           ended = true;
           break;
         }
-        for (const [key, value] of got) batch.push({ key, value });
+        for (const item of got) batch.push(map(item));
       }
       if (batch.length > 0) yield batch;
     }
@@ -273,6 +297,9 @@ async function* drain(
     await closeIterator(iterator, failure, 'scan');
   }
 }
+
+const toEntry = ([key, value]: [string, Uint8Array]): KvEntry => ({ key, value });
+const same = (key: string): string => key;
 
 /**
  * Closes an iterator; rethrows `failure` (when set) combined with any close error, so that neither

@@ -181,6 +181,11 @@ export class MemoryStore implements KvStore {
     return this.iterate(snapshot, startIndex, endIndex, range.reverse === true, limit, batchSize, this.session);
   }
 
+  /** scan() without the values (the memory store holds keys and values together anyway). */
+  async *scanKeys(range: Range, batchSize: number = DEFAULT_BATCH_SIZE): AsyncGenerator<readonly string[]> {
+    for await (const entries of this.scan(range, batchSize)) yield entries.map((e) => e.key);
+  }
+
   async clearRange(range: { readonly gte: string; readonly lt: string }): Promise<void> {
     if (!this.isOpen) throw closedError();
     if (compareKeys(range.gte, range.lt) >= 0) return;

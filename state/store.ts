@@ -47,6 +47,8 @@ export interface KvStore {
    * entries, so callers await once per batch, not once per entry. Sees a snapshot taken at the call.
    */
   scan(range: Range, batchSize?: number): AsyncIterable<readonly KvEntry[]>;
+  /** Like scan(), keys only: nothing of the values is read or copied (e.g. to index what exists). */
+  scanKeys(range: Range, batchSize?: number): AsyncIterable<readonly string[]>;
   /** Deletes every key in [gte, lt) atomically. */
   clearRange(range: { readonly gte: string; readonly lt: string }): Promise<void>;
   close(): Promise<void>;
@@ -82,6 +84,6 @@ export function checkBatchSize(batchSize: number): void {
 }
 
 /** The scan of an empty range or a zero limit: not an error, just nothing. */
-export async function* emptyScan(): AsyncGenerator<readonly KvEntry[]> {
+export async function* emptyScan<T = KvEntry>(): AsyncGenerator<readonly T[]> {
   // Nothing to yield.
 }

@@ -57,8 +57,16 @@ async function drainBatches(store: KvStore, range: Range, batchSize?: number): P
   return batches;
 }
 
+/**
+ * The keys of a range, read both ways — `scan` and `scanKeys` — which must agree batch for batch,
+ * so every range test below also covers scanKeys.
+ */
 async function scanKeys(store: KvStore, range: Range, batchSize?: number): Promise<string[]> {
-  return (await drainBatches(store, range, batchSize)).flat().map((e) => e.key);
+  const viaScan = (await drainBatches(store, range, batchSize)).map((b) => b.map((e) => e.key));
+  const viaKeys: string[][] = [];
+  for await (const batch of store.scanKeys(range, batchSize)) viaKeys.push([...batch]);
+  expect(viaKeys).toEqual(viaScan);
+  return viaScan.flat();
 }
 
 async function scanEntries(store: KvStore, range: Range, batchSize?: number): Promise<Array<[string, number[]]>> {
@@ -485,6 +493,9 @@ export function runStoreCompliance(name: string, make: () => Promise<MadeStore>)
         await expectCode(() => store.write([put('b', 'v')]), 'STATE_CLOSED');
         await expectCode(() => store.write([]), 'STATE_CLOSED');
         await expectCode(() => drainBatches(store, {}), 'STATE_CLOSED');
+        await expectCode(async () => {
+          for await (const _ of store.scanKeys({})) break;
+        }, 'STATE_CLOSED');
         await expectCode(() => store.clearRange({ gte: 'a', lt: 'z' }), 'STATE_CLOSED');
         await store.open();
         expect(arr(store.getSync('a'))).toEqual(Array.from(text('v')));
