@@ -7,6 +7,7 @@
  * @module
  */
 import type { EventColumns } from './batch.js';
+import { ANON_PREFIX } from '../operators/operator.js';
 import type { EngineConfig } from './config.js';
 import { EventType, type EventTypeName, KNOWN_TYPE_NAMES, Reject, type TypeRegistry } from './event-types.js';
 
@@ -20,7 +21,8 @@ const KNOWN = new Map<string, number>(KNOWN_TYPE_NAMES.map((n) => [n, EventType[
  * 1. `missing_type`: `type` is empty.
  * 2. `missing_id`: `event_id` is empty, or both `user_id` and `anonymous_id` are empty (allowed for
  *    `cost`, which is spend, not a user's event).
- *    Then `bad_encoding` when an id holds a lone UTF-16 surrogate (not representable in UTF-8 keys).
+ *    Then `bad_field` for a user_id starting with `anon:` (the anonymous-profile prefix), and
+ *    `bad_encoding` when an id holds a lone UTF-16 surrogate (not representable in UTF-8 keys).
  * 3. `bad_timestamp`: `ts` is not finite or outside `[cfg.time.minTs, cfg.time.maxTs)`. A fraction
  *    of a millisecond is fine.
  * 4. `too_large`: `size` > `cfg.validation.maxEventBytes`, or more props than `cfg.validation.maxProps`.
@@ -64,6 +66,11 @@ export function validateStatic(batch: EventColumns, cfg: EngineConfig, types: Ty
     }
     if (known !== EventType.cost && userId[i] === '' && anonymousId[i] === '') {
       batch.reject(i, Reject.missing_id, 'user_id and anonymous_id are both empty (one is required)');
+      continue;
+    }
+    if (userId[i]!.startsWith(ANON_PREFIX)) {
+      // The prefix marks anonymous profiles: a member id with it would share their keys.
+      batch.reject(i, Reject.bad_field, `user_id must not start with '${ANON_PREFIX}' (reserved for anonymous profiles)`);
       continue;
     }
     if (!wellFormed(eventId[i]!) || !wellFormed(userId[i]!) || !wellFormed(anonymousId[i]!)) {

@@ -68,6 +68,12 @@ describe('validateStatic reason codes', () => {
     expect(statusOf({ type: 'cost', event_id: '', user_id: '' })).toBe(Reject.missing_id);
   });
 
+  it("bad_field: a user_id with the anonymous-profile prefix 'anon:'", () => {
+    expect(statusOf({ user_id: 'anon:x' })).toBe(Reject.bad_field);
+    expect(statusOf({ user_id: 'xanon:' })).toBe(Reject.ok);
+    expect(statusOf({ user_id: '', anonymous_id: 'anon:x' })).toBe(Reject.ok); // an anonymous id may look like anything
+  });
+
   it('bad_timestamp: NaN, ±Infinity, outside [minTs, maxTs); fractional ms are fine', () => {
     const cfg = resolveConfig({});
     expect(statusOf({ ts: Number.NaN })).toBe(Reject.bad_timestamp);
