@@ -8,9 +8,9 @@ import cliProgress from 'cli-progress';
 import { Engine, type SourceItem } from '../engine/engine.js';
 import { CrmError } from '../engine/errors.js';
 import type { ConfigInput } from '../engine/config.js';
-import { parseTimestamp } from './codec.js';
-import { parseMap } from './csv.js';
-import { SortedInput, type BackfillPosition, type InputFormat } from './input-files.js';
+import { parseTimestamp } from '../engine/codec.js';
+import { parseMap } from '../engine/sources/csv.js';
+import { SortedInput, type BackfillPosition, type InputFormat } from '../engine/sources/files.js';
 import { runDemo } from './demo.js';
 
 /**

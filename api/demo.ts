@@ -6,7 +6,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { EventColumns } from '../engine/batch.js';
 import { Engine } from '../engine/engine.js';
 import { TrafficGenerator, isBad } from '../engine/sources/generator.js';
-import { appendJsonEvent, appendObjectEvent } from './codec.js';
+import { appendJsonEvent, appendObjectEvent } from '../engine/codec.js';
 
 /**
  * `crmstream demo`: the engine fed live by the traffic generator, event time following the wall

@@ -18,7 +18,7 @@ import path from 'node:path';
 import { EventColumns } from '../engine/batch.js';
 import { Engine } from '../engine/engine.js';
 import { TrafficGenerator, encodeProto } from '../engine/sources/generator.js';
-import { appendProtoEvent } from '../api/codec.js';
+import { appendProtoEvent } from '../engine/codec.js';
 import { benchTraffic } from './decode.bench.js';
 import { consume, type Scenario } from './harness.js';
 

@@ -1,4 +1,4 @@
-import { zoneOffsetMs } from '../api/codec.js';
+import { zoneOffsetMs } from './codec.js';
 
 /**
  * Calendar windows in a time zone (SPEC §3): local day, ISO week (Monday first, weeks belong to the

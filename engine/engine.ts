@@ -11,7 +11,7 @@ import { ProfileTable, USER_PREFIX } from './profiles.js';
 import { JsonlFileSink } from './sinks/jsonl-file.js';
 import { TimerService, type DueTimer } from './timers.js';
 import { validateStatic } from './validate.js';
-import { appendObjectEvent } from '../api/codec.js';
+import { appendObjectEvent } from './codec.js';
 import { ALIAS_PREFIX, IdentityResolver } from '../operators/identity.js';
 import { FilterNs, KeyFilter } from './key-filter.js';
 import { ANON_PREFIX, type Operator, type StateSlot, type UserRecord } from '../operators/operator.js';

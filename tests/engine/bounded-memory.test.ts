@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { Engine } from '../../engine/engine.js';
 import { TrafficGenerator, isBad } from '../../engine/sources/generator.js';
 import { EventColumns } from '../../engine/batch.js';
-import { appendJsonEvent, appendObjectEvent } from '../../api/codec.js';
+import { appendJsonEvent, appendObjectEvent } from '../../engine/codec.js';
 import { ReminderOperator } from '../fixtures/reminder-operator.js';
 import { columnsOf, DAY, T0, tempDir } from '../helpers.js';
 

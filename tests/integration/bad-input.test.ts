@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { crmstream } from '../../api/proto/gen/crmstream.js';
-import { appendJsonEvent, appendProtoBatch, appendProtoEvent } from '../../api/codec.js';
+import { appendJsonEvent, appendProtoBatch, appendProtoEvent } from '../../engine/codec.js';
 import { EventColumns } from '../../engine/batch.js';
 import { Engine } from '../../engine/engine.js';
 import { DAY, T0, tempDir } from '../helpers.js';

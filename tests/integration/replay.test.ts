@@ -1,7 +1,7 @@
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { SortedInput } from '../../api/input-files.js';
+import { SortedInput } from '../../engine/sources/files.js';
 import { Engine, type SourceItem } from '../../engine/engine.js';
 import { TrafficGenerator, isBad, toJsonLine } from '../../engine/sources/generator.js';
 import { LevelStore } from '../../state/level.js';

@@ -1,10 +1,10 @@
 import { createReadStream } from 'node:fs';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { EventColumns } from '../engine/batch.js';
-import type { SourceItem } from '../engine/engine.js';
-import { CrmError } from '../engine/errors.js';
-import { appendJsonEvent } from './codec.js';
+import { EventColumns } from '../batch.js';
+import type { SourceItem } from '../engine.js';
+import { CrmError } from '../errors.js';
+import { appendJsonEvent } from '../codec.js';
 import { createCsvAppender, readCsvFile, type ColumnMap, type CsvAppender } from './csv.js';
 
 /**

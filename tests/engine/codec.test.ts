@@ -5,7 +5,7 @@ import { describe, expect, it } from 'vitest';
 import {
   appendJsonEvent, appendObjectEvent, appendProtoBatch, appendProtoEvent, assertTimeZone, parseTimestamp,
   ProtoBatchReader, utcFields, wallClockToUtc, zoneOffsetMs,
-} from '../../api/codec.js';
+} from '../../engine/codec.js';
 import { crmstream } from '../../api/proto/gen/crmstream.js';
 import { EventColumns } from '../../engine/batch.js';
 import { CrmError } from '../../engine/errors.js';

@@ -46,10 +46,10 @@ import { createReadStream } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { type InfoRecord, type Options as CsvParseOptions, parse as csvParse } from 'csv-parse';
 import { z } from 'zod';
-import type { EventColumns } from '../engine/batch.js';
-import { CrmError } from '../engine/errors.js';
-import { Reject } from '../engine/event-types.js';
-import { assertTimeZone, parseDecimal, parseTimestamp } from './codec.js';
+import type { EventColumns } from '../batch.js';
+import { CrmError } from '../errors.js';
+import { Reject } from '../event-types.js';
+import { assertTimeZone, parseDecimal, parseTimestamp } from '../codec.js';
 
 /** The §1 fields a CSV column can feed, in `EventColumns.push` order (props aside). */
 export const EVENT_FIELDS = [

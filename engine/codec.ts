@@ -49,10 +49,10 @@
  */
 import { Buffer, isUtf8 } from 'node:buffer';
 import $protobuf from 'protobufjs/minimal.js';
-import type { EventColumns } from '../engine/batch.js';
-import { CrmError } from '../engine/errors.js';
-import { Reject } from '../engine/event-types.js';
-import { crmstream } from './proto/gen/crmstream.js';
+import type { EventColumns } from './batch.js';
+import { CrmError } from './errors.js';
+import { Reject } from './event-types.js';
+import { crmstream } from '../api/proto/gen/crmstream.js';
 
 /** Default zone for zone-less timestamps (SPEC §3, CLI `--tz`). */
 export const DEFAULT_TZ = 'Asia/Seoul';

@@ -4,14 +4,14 @@ import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import {
   type ColumnMap, type CsvAppender, createCsvAppender, defaultColumnMap, parseMap, readCsvFile, readMapFile,
-} from '../../api/csv.js';
-import { EventColumns } from '../../engine/batch.js';
-import { resolveConfig } from '../../engine/config.js';
-import { CrmError } from '../../engine/errors.js';
-import { EventType, Reject, rejectName, TypeRegistry } from '../../engine/event-types.js';
-import { validateStatic } from '../../engine/validate.js';
+} from '../../../engine/sources/csv.js';
+import { EventColumns } from '../../../engine/batch.js';
+import { resolveConfig } from '../../../engine/config.js';
+import { CrmError } from '../../../engine/errors.js';
+import { EventType, Reject, rejectName, TypeRegistry } from '../../../engine/event-types.js';
+import { validateStatic } from '../../../engine/validate.js';
 
-const PROJECT_ROOT = path.resolve(import.meta.dirname, '../..');
+const PROJECT_ROOT = path.resolve(import.meta.dirname, '../../..');
 const DATA = path.resolve(PROJECT_ROOT, '../shared/data');
 const REES46 = path.join(DATA, 'rees46_oct2019_head/2019-Oct_head.csv');
 const CDNOW = path.join(DATA, 'cdnow/CDNOW_master.txt');
