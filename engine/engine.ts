@@ -85,6 +85,8 @@ export class Engine {
   private readonly types = new TypeRegistry();
   private readonly operators: readonly Operator[];
   private readonly opByTimerKind = new Map<string, Operator>();
+  /** The per-user state slots, in record order (operators without per-user state have none). */
+  private readonly slots: readonly StateSlot<unknown>[];
   private readonly profiles: ProfileTable;
   private readonly profileSlotIndex: number;
   private readonly identity: IdentityResolver;
@@ -130,6 +132,7 @@ export class Engine {
       for (const kind of op.timerKinds) this.opByTimerKind.set(kind, op);
     }
     this.profileSlotIndex = profileOp.slotIndex;
+    this.slots = slots;
     this.profiles = new ProfileTable(slots, config.state.cacheUsers, this.keyFilter);
     this.identity = new IdentityResolver(config.state.cacheUsers, this.keyFilter);
     this.dedupe = new DedupeIndex(config.dedupe.horizonMs);
@@ -392,20 +395,9 @@ export class Engine {
     if (!this.profiles.exists(anonId)) return;
     const from = this.profiles.load(anonId);
     const into = this.profiles.load(member);
-    for (let k = 0; k < into.slots.length; k++) {
-      const op = this.slotOwner(k);
-      op.slot!.merge(into.slots[k], from.slots[k]);
-    }
+    const slots = this.slots;
+    for (let k = 0; k < slots.length; k++) slots[k]!.merge(into.slots[k], from.slots[k]);
     this.profiles.remove(from);
-  }
-
-  private slotOwner(k: number): Operator {
-    let n = 0;
-    for (const op of this.operators) {
-      if (op.slot === null) continue;
-      if (n++ === k) return op;
-    }
-    throw new CrmError('OPERATOR_FAILED', `no operator owns slot ${k}`);
   }
 
   /**
