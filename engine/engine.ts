@@ -392,8 +392,8 @@ export class Engine {
 
   /** Folds the anonymous profile (if any) into the member's and deletes it. */
   private mergeProfiles(anonId: string, member: string): void {
-    if (!this.profiles.exists(anonId)) return;
-    const from = this.profiles.load(anonId);
+    const from = this.profiles.loadExisting(anonId);
+    if (from === undefined) return;
     const into = this.profiles.load(member);
     const slots = this.slots;
     for (let k = 0; k < slots.length; k++) slots[k]!.merge(into.slots[k], from.slots[k]);
@@ -499,8 +499,9 @@ export class Engine {
 
   /** A profile by member id or anonymous id, or null. Reads through the cache, never marks dirty. */
   profile(id: string): ProfileView | null {
-    const canon = this.profiles.exists(id) ? id : this.identity.resolve(ANON_PREFIX + id);
-    const rec = this.profiles.peek(canon);
+    const direct = this.profiles.peek(id);
+    const canon = direct !== undefined ? id : this.identity.resolve(ANON_PREFIX + id);
+    const rec = direct ?? this.profiles.peek(canon);
     if (rec === undefined) return null;
     return profileView(canon, rec.slots[this.profileSlotIndex] as ProfileState);
   }

@@ -54,14 +54,24 @@ export class ProfileTable {
     return this.cache.size;
   }
 
-  /** The record for `id`, marked dirty (the caller is about to change it). */
+  /** The record for `id`, created empty if there is none, marked dirty (the caller is about to change it). */
   load(id: string): UserRecord {
+    return this.lookup(id, true)!;
+  }
+
+  /** Like load(), but undefined (and nothing created) when no record exists: one store read at most. */
+  loadExisting(id: string): UserRecord | undefined {
+    return this.lookup(id, false);
+  }
+
+  private lookup(id: string, create: boolean): UserRecord | undefined {
     this.loads++;
     let rec = this.cache.get(id);
     if (rec === undefined) {
       this.misses++;
       rec = this.read(id);
       if (rec === undefined) {
+        if (!create) return undefined;
         rec = this.create(id);
         this.filter.add(FilterNs.user, id);
         this.created++;
@@ -69,6 +79,7 @@ export class ProfileTable {
       if (this.cache.size >= this.capacity) this.evict();
       this.cache.set(id, rec);
     } else if (rec.deleted) {
+      if (!create) return undefined;
       // Merged away earlier in this epoch and now used again (e.g. a timer for it): start afresh.
       rec = this.create(id);
       this.created++;
@@ -97,13 +108,6 @@ export class ProfileTable {
       rec.dirty = true;
       this.dirtyList.push(rec);
     }
-  }
-
-  /** Whether a stored or cached, not deleted, record exists. */
-  exists(id: string): boolean {
-    const rec = this.cache.get(id);
-    if (rec !== undefined) return !rec.deleted;
-    return this.filter.mightContain(FilterNs.user, id) && this.store?.getSync(USER_PREFIX + id) !== undefined;
   }
 
   private create(id: string): UserRecord {

@@ -89,13 +89,11 @@ export class SortedInput {
       }
     }
     opts.onRead?.(rows);
-    const order = new Uint32Array(rows);
+    // Every chunk but the last is full, so row k of the input is global index k (chunk k / CHUNK).
     const keys = new Float64Array(rows);
     let k = 0;
-    for (let c = 0; c < chunks.length; c++) {
-      const chunk = chunks[c]!;
+    for (const chunk of chunks) {
       for (let i = 0; i < chunk.length; i++) {
-        order[k] = c * CHUNK + i;
         const t = chunk.ts[i]!;
         keys[k++] = Number.isNaN(t) ? Number.NEGATIVE_INFINITY : t;
       }
@@ -103,9 +101,7 @@ export class SortedInput {
     // Sort by (ts, input order): the index tie-break makes it stable by construction.
     const idx = Array.from({ length: rows }, (_, j) => j);
     idx.sort((a, b) => keys[a]! - keys[b]! || a - b);
-    const sorted = new Uint32Array(rows);
-    for (let j = 0; j < rows; j++) sorted[j] = order[idx[j]!]!;
-    return new SortedInput(chunks, sorted);
+    return new SortedInput(chunks, Uint32Array.from(idx));
   }
 
   /**
