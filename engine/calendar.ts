@@ -49,8 +49,7 @@ export class Calendar {
 
   /** Month index (months since 1970-01) of a local day index. */
   monthOfDay(day: number): number {
-    const d = new Date(day * DAY);
-    return (d.getUTCFullYear() - 1970) * 12 + d.getUTCMonth();
+    return monthOfDay(day);
   }
 
   /**
@@ -77,9 +76,7 @@ export class Calendar {
 
   /** First local day of month `month`. */
   monthFirstDay(month: number): number {
-    const y = 1970 + Math.floor(month / 12);
-    const m = ((month % 12) + 12) % 12;
-    return Math.round(Date.UTC(y, m, 1) / DAY);
+    return monthFirstDay(month);
   }
 
   dayLabel(day: number): string {
@@ -101,4 +98,32 @@ export class Calendar {
     const m = ((month % 12) + 12) % 12;
     return `${y}-${String(m + 1).padStart(2, '0')}`;
   }
+}
+
+/**
+ * Month index (months since 1970-01) of a day index, by integer arithmetic (H. Hinnant's
+ * civil_from_days): KPI windows call this per contribution, so no Date is allocated.
+ */
+export function monthOfDay(day: number): number {
+  const z = day + 719_468;
+  const era = Math.floor(z / 146_097);
+  const doe = z - era * 146_097;
+  const yoe = Math.floor((doe - Math.floor(doe / 1460) + Math.floor(doe / 36_524) - Math.floor(doe / 146_096)) / 365);
+  const doy = doe - (365 * yoe + Math.floor(yoe / 4) - Math.floor(yoe / 100));
+  const mp = Math.floor((5 * doy + 2) / 153);
+  const m = mp < 10 ? mp + 3 : mp - 9; // 1..12, the year starting in March
+  const year = yoe + era * 400 + (m <= 2 ? 1 : 0);
+  return (year - 1970) * 12 + m - 1;
+}
+
+/** First day index of month index `month` (days_from_civil). */
+export function monthFirstDay(month: number): number {
+  let y = 1970 + Math.floor(month / 12);
+  const m = month - (y - 1970) * 12 + 1; // 1..12
+  if (m <= 2) y -= 1;
+  const era = Math.floor(y / 400);
+  const yoe = y - era * 400;
+  const doy = Math.floor((153 * (m > 2 ? m - 3 : m + 9) + 2) / 5);
+  const doe = yoe * 365 + Math.floor(yoe / 4) - Math.floor(yoe / 100) + doy;
+  return era * 146_097 + doe - 719_468;
 }

@@ -57,6 +57,18 @@ export const ConfigSchema = z.object({
     /** Raw payload kept per dead letter (bytes, default 4096). */
     maxPayloadBytes: z.number().int().min(0).default(4096),
   }).prefault({}),
+  kpi: z.object({
+    /** N of first_purchase_conversion: first purchase within N days of sign-up (default 7). */
+    firstPurchaseDays: z.number().int().min(1).max(366).default(7),
+    /** R of customers_at / crr / cohort_retention: purchase within the last R local days (default 90). */
+    activeCustomerDays: z.number().int().min(1).max(3660).default(90),
+    /**
+     * Windows whose last day is more than this many days before the watermark's day are final and
+     * leave memory (default 400). Larger keeps old windows open to identity stitches; memory grows
+     * with it.
+     */
+    retentionDays: z.number().int().min(31).max(36_600).default(400),
+  }).prefault({}),
   /** Rows per batch handed through the pipeline (default 4096). */
   batchRows: z.number().int().min(1).max(1 << 20).default(4096),
 }).superRefine((c, ctx) => {

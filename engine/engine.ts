@@ -15,6 +15,8 @@ import { appendObjectEvent } from './codec.js';
 import { ALIAS_PREFIX, IdentityResolver } from '../operators/identity.js';
 import { FilterNs, KeyFilter } from './key-filter.js';
 import { ANON_PREFIX, type Operator, type StateSlot, type UserRecord } from '../operators/operator.js';
+import { KpiOperator } from '../operators/kpi.js';
+import type { CohortGrain, CohortKind, CohortRow, FunnelRow, KpiGrain, KpiRow } from '../operators/kpi-rows.js';
 import { ProfileOperator, profileView, type ProfileState, type ProfileView } from '../operators/profile.js';
 import { openStore } from '../state/index.js';
 import type { KvStore, WriteOp } from '../state/store.js';
@@ -85,6 +87,9 @@ export class Engine {
   private readonly types = new TypeRegistry();
   private readonly operators: readonly Operator[];
   private readonly opByTimerKind = new Map<string, Operator>();
+  /** Operators that adjust aggregates around identity merges (beforeMerge/afterMerge). */
+  private readonly mergeAware: readonly Operator[];
+  private readonly kpi: KpiOperator;
   /** The per-user state slots, in record order (operators without per-user state have none). */
   private readonly slots: readonly StateSlot<unknown>[];
   private readonly profiles: ProfileTable;
@@ -122,7 +127,9 @@ export class Engine {
     this.store = store;
     this.tickMs = opts.tickMs ?? 1000;
     const profileOp = new ProfileOperator();
-    this.operators = [profileOp, ...(opts.operators ?? [])];
+    this.kpi = new KpiOperator({ timeZone: config.time.timeZone, ...config.kpi });
+    this.operators = [profileOp, this.kpi, ...(opts.operators ?? [])];
+    this.mergeAware = this.operators.filter((op) => op.beforeMerge !== undefined && op.afterMerge !== undefined);
     const slots: StateSlot<unknown>[] = [];
     for (const op of this.operators) {
       if (op.slot !== null) {
@@ -395,8 +402,10 @@ export class Engine {
     const from = this.profiles.loadExisting(anonId);
     if (from === undefined) return;
     const into = this.profiles.load(member);
+    for (const op of this.mergeAware) op.beforeMerge!(into, from, this.ctx);
     const slots = this.slots;
     for (let k = 0; k < slots.length; k++) slots[k]!.merge(into.slots[k], from.slots[k]);
+    for (const op of this.mergeAware) op.afterMerge!(into, this.ctx);
     this.profiles.remove(from);
   }
 
@@ -466,8 +475,9 @@ export class Engine {
     this.identity.snapshot(ops);
     this.timers.snapshot(ops);
     this.dedupe.snapshot(ops, epoch);
+    // Operators first: what they emit while snapshotting belongs to this checkpoint's outbox.
+    for (const op of this.operators) op.snapshot(ops, this.ctx);
     this.outbox.snapshot(ops);
-    for (const op of this.operators) op.snapshot(ops);
     const rejects: Record<string, number> = {};
     for (const name of REJECT_NAMES) rejects[name] = this.rejects[Reject[name]]!;
     const meta: Meta = {
@@ -517,6 +527,27 @@ export class Engine {
     }
   }
 
+  /**
+   * KPI rows of one grain (docs/KPIS.md), reflecting every event processed so far.
+   *
+   * @example
+   * const months = await engine.kpis('month');
+   * const total = months.filter((r) => r.channel === '*' && r.platform === '*');
+   */
+  kpis(grain: KpiGrain): Promise<KpiRow[]> {
+    return this.kpi.kpis(grain);
+  }
+
+  /** Cohort matrix rows (first-activity or sign-up cohorts) by week or month. */
+  cohorts(grain: CohortGrain, kind: CohortKind = 'first_activity'): Promise<CohortRow[]> {
+    return this.kpi.cohorts(grain, kind);
+  }
+
+  /** Journey funnel rows per sign-up cohort window. */
+  funnel(grain: KpiGrain): Promise<FunnelRow[]> {
+    return this.kpi.funnel(grain);
+  }
+
   /** Engine counters for metrics and reports. */
   stats(): Record<string, number> {
     return {
@@ -524,6 +555,7 @@ export class Engine {
       dirtyProfiles: this.profiles.dirtyCount, profilesCreated: this.profiles.created, profileLoads: this.profiles.loads, profileMisses: this.profiles.misses,
       timersFired: this.timers.fired, orphanTimers: this.orphanTimers, aliases: this.identity.aliasesCreated,
       identityConflicts: this.identity.conflicts, dedupeIds: this.dedupe.size, outboxAppended: this.outbox.appended,
+      kpiUpdates: this.kpi.updates, kpiCorrections: this.kpi.corrections, kpiLiveCells: this.kpi.liveCells, kpiCellsCompacted: this.kpi.cellsCompacted,
     };
   }
 

@@ -77,8 +77,19 @@ export interface Operator {
   processBatch(batch: EventColumns, recs: readonly (UserRecord | null)[], start: number, end: number, ctx: OperatorContext): void;
   /** A timer of one of `timerKinds` fired for `rec` at event time `ts` (the watermark has passed it). */
   onTimer(rec: UserRecord, kind: string, ts: number, ctx: OperatorContext): void;
-  /** Adds this operator's non-keyed state to the checkpoint batch. */
-  snapshot(ops: WriteOp[]): void;
+  /**
+   * Adds this operator's non-keyed state to the checkpoint batch. Records emitted here (`ctx.emit`)
+   * are part of the same checkpoint.
+   */
+  snapshot(ops: WriteOp[], ctx: OperatorContext): void;
+  /**
+   * Identity stitch: `from` (an anonymous profile) is about to be folded into `into` with the
+   * slots' `merge`. Operators whose aggregates depend on per-user facts retract both profiles'
+   * contributions here…
+   */
+  beforeMerge?(into: UserRecord, from: UserRecord, ctx: OperatorContext): void;
+  /** …and add the merged profile's contribution here. */
+  afterMerge?(into: UserRecord, ctx: OperatorContext): void;
   close(): Promise<void>;
 }
 
