@@ -12,6 +12,8 @@ import { parseTimestamp } from '../engine/codec.js';
 import { parseMap } from '../engine/sources/csv.js';
 import { SortedInput, type BackfillPosition, type InputFormat } from '../engine/sources/files.js';
 import { runDemo } from './demo.js';
+import { EXPORT_FORMATS, writeRows, type ExportFormat } from './export.js';
+import { KPI_FIELDS } from '../operators/kpi-rows.js';
 
 /**
  * The `crmstream` command line (SPEC §9). Flags are a contract outside tools script against: add,
@@ -91,7 +93,7 @@ async function backfill(opts: {
 }
 
 async function exportProfiles(opts: { dataDir: string; format: 'jsonl' | 'csv'; out?: string; config?: string }): Promise<void> {
-  const engine = await Engine.create(loadConfig(opts.config, opts.dataDir, undefined));
+  const engine = await Engine.create(loadConfig(opts.config, opts.dataDir, undefined), { adoptStoredTimeZone: true });
   const out: WriteStream | NodeJS.WriteStream = opts.out === undefined ? process.stdout : createWriteStream(opts.out);
   let header = false;
   try {
@@ -113,6 +115,39 @@ async function exportProfiles(opts: { dataDir: string; format: 'jsonl' | 'csv'; 
     await engine.close();
     if (out !== process.stdout) await new Promise<void>((resolve, reject) => (out as WriteStream).end((err?: Error | null) => (err ? reject(err) : resolve())));
   }
+}
+
+/** Opens a data dir for reading: its own time zone, no new events; closed after `fn`. */
+async function withStoredEngine<T>(opts: { dataDir: string; config?: string }, fn: (e: Engine) => Promise<T>): Promise<T> {
+  const engine = await Engine.create(loadConfig(opts.config, opts.dataDir, undefined), { adoptStoredTimeZone: true });
+  try {
+    return await fn(engine);
+  } finally {
+    await engine.close();
+  }
+}
+
+const KPI_COLUMNS = ['grain', 'window', 'channel', 'platform', ...KPI_FIELDS];
+const COHORT_COLUMNS = ['grain', 'kind', 'cohort', 'channel', 'platform', 'size', 'age', 'active', 'purchasers', 'revenue', 'cum_revenue_per_user'];
+const FUNNEL_COLUMNS = ['grain', 'cohort', 'channel', 'platform', 'visit', 'sign_up', 'first_purchase', 'revisit', 'repeat_purchase',
+  'sign_up_rate', 'first_purchase_rate', 'revisit_rate', 'repeat_purchase_rate'];
+
+interface ExportOpts { dataDir: string; format: ExportFormat; out?: string; config?: string; grain: string; kind?: string }
+
+async function exportKpis(o: ExportOpts): Promise<void> {
+  const rows = await withStoredEngine(o, (e) => e.kpis(o.grain as 'day' | 'week' | 'month'));
+  await writeRows(rows, KPI_COLUMNS, o.format, o.out);
+}
+
+async function exportCohorts(o: ExportOpts): Promise<void> {
+  const kinds = o.kind === 'both' ? (['first_activity', 'signup'] as const) : [o.kind as 'first_activity' | 'signup'];
+  const rows = await withStoredEngine(o, async (e) => (await Promise.all(kinds.map((k) => e.cohorts(o.grain as 'week' | 'month', k)))).flat());
+  await writeRows(rows, COHORT_COLUMNS, o.format, o.out);
+}
+
+async function exportFunnel(o: ExportOpts): Promise<void> {
+  const rows = await withStoredEngine(o, (e) => e.funnel(o.grain as 'day' | 'week' | 'month'));
+  await writeRows(rows, FUNNEL_COLUMNS, o.format, o.out);
 }
 
 function csvCell(v: unknown): string {
@@ -154,6 +189,32 @@ export function buildCli(): Command {
     .option('--out <file>', 'output file (default: stdout)')
     .option('--config <file>', 'engine configuration (JSON)')
     .action(async (o) => exportProfiles(o));
+  const formatOpt = () => new Option('--format <format>', 'output format').choices(EXPORT_FORMATS as string[]).default('jsonl');
+  exp.command('kpis')
+    .description('KPI rows per (window, channel, platform) — docs/KPIS.md')
+    .requiredOption('--data-dir <dir>', 'state directory')
+    .addOption(new Option('--grain <grain>', 'calendar window').choices(['day', 'week', 'month']).makeOptionMandatory())
+    .addOption(formatOpt())
+    .option('--out <file>', 'output file (default: stdout)')
+    .option('--config <file>', 'engine configuration (JSON)')
+    .action(async (o) => exportKpis(o));
+  exp.command('cohorts')
+    .description('cohort matrix rows: cohort × age with size, active, purchasers, revenue')
+    .requiredOption('--data-dir <dir>', 'state directory')
+    .addOption(new Option('--grain <grain>', 'cohort window').choices(['week', 'month']).makeOptionMandatory())
+    .addOption(new Option('--kind <kind>', 'cohort by first activity or by sign-up').choices(['first_activity', 'signup', 'both']).default('first_activity'))
+    .addOption(formatOpt())
+    .option('--out <file>', 'output file (default: stdout)')
+    .option('--config <file>', 'engine configuration (JSON)')
+    .action(async (o) => exportCohorts(o));
+  exp.command('funnel')
+    .description('journey funnel per sign-up cohort: visit → sign_up → first purchase → revisit D+1..3 → repeat purchase')
+    .requiredOption('--data-dir <dir>', 'state directory')
+    .addOption(new Option('--grain <grain>', 'cohort window').choices(['day', 'week', 'month']).makeOptionMandatory())
+    .addOption(formatOpt())
+    .option('--out <file>', 'output file (default: stdout)')
+    .option('--config <file>', 'engine configuration (JSON)')
+    .action(async (o) => exportFunnel(o));
 
   program.command('demo')
     .description('the engine fed by a realistic e-commerce traffic generator, with live stats')

@@ -58,6 +58,12 @@ export interface EngineOptions {
   readonly store?: KvStore;
   /** Watermark granularity in ms (default 1000; 1 = advance on every new max event time). */
   readonly tickMs?: number;
+  /**
+   * Use the time zone the stored state was built with instead of the configured one (exports and
+   * queries of an existing data dir). Without it a different zone is CONFIG_INVALID: windows
+   * already cut in one zone cannot be continued in another.
+   */
+  readonly adoptStoredTimeZone?: boolean;
 }
 
 export interface BatchResult {
@@ -76,6 +82,8 @@ interface Meta {
   customTypes: string[];
   dedupeOldestDay: number;
   accepted: number;
+  /** Zone the calendar windows were cut in (absent in stores written before KPIs existed). */
+  timeZone?: string;
 }
 
 const utf8 = new TextEncoder();
@@ -166,9 +174,13 @@ export class Engine {
    * await engine.close();
    */
   static async create(input: ConfigInput = {}, opts: EngineOptions = {}): Promise<Engine> {
-    const config = resolveConfig(input);
+    let config = resolveConfig(input);
     const store = opts.store ?? openStore(config.state.backend, config.dataDir === null ? null : path.join(config.dataDir, 'state'));
     await store.open();
+    if (opts.adoptStoredTimeZone === true) {
+      const stored = (await readMeta(store))?.timeZone;
+      if (stored !== undefined && stored !== config.time.timeZone) config = resolveConfig({ ...input, time: { ...input.time, timeZone: stored } });
+    }
     const engine = new Engine(config, store, opts);
     try {
       await engine.restore();
@@ -180,15 +192,12 @@ export class Engine {
   }
 
   private async restore(): Promise<void> {
-    const raw = await this.store.get(META_KEY);
-    let meta: Meta | null = null;
-    if (raw !== undefined) {
-      try {
-        meta = JSON.parse(utf8d.decode(raw)) as Meta;
-      } catch (err) {
-        throw new CrmError('STATE_CORRUPT', 'checkpoint metadata cannot be parsed', { cause: err });
-      }
+    const meta = await readMeta(this.store);
+    if (meta !== null) {
       if (meta.version !== META_VERSION) throw new CrmError('STATE_CORRUPT', `checkpoint format ${meta.version} is not supported`);
+      if (meta.timeZone !== undefined && meta.timeZone !== this.config.time.timeZone) {
+        throw new CrmError('CONFIG_INVALID', `this state was built with time zone ${meta.timeZone}, not ${this.config.time.timeZone}: pass --tz ${meta.timeZone} (time.timeZone) or use a new data dir`);
+      }
       this.epoch = meta.epoch;
       this.wm = meta.watermark ?? Number.NEGATIVE_INFINITY;
       this.maxTs = meta.maxTs ?? Number.NEGATIVE_INFINITY;
@@ -260,13 +269,15 @@ export class Engine {
   /**
    * Ingests events given as objects with the SPEC §1 field names (JSON-shaped; `ts` in ms or
    * ISO-8601). Bad ones are rejected with a reason code and dead-lettered; the rest are processed.
-   * Returns the counts and, per input event, its reject reason ('' = accepted).
+   * Returns the counts and, per input event, its reject reason ('' = accepted). `position` (any
+   * JSON value, e.g. a source offset) is stored with the checkpoint that covers these events and
+   * read back as `engine.position` after a restart, to resume the source there.
    *
    * @example
    * const r = await engine.ingest([{ event_id: 'e1', type: 'sign_up', user_id: 'u1', anonymous_id: 'a1', ts: Date.now() }]);
    * // r.accepted === 1, r.reasons[0] === ''
    */
-  async ingest(events: readonly unknown[]): Promise<BatchResult & { reasons: string[] }> {
+  async ingest(events: readonly unknown[], position: unknown = this.positionValue): Promise<BatchResult & { reasons: string[] }> {
     const rows = this.config.batchRows;
     const b = this.scratchBatch ?? (this.scratchBatch = new EventColumns(rows));
     const reasons: string[] = [];
@@ -276,7 +287,9 @@ export class Engine {
       b.reset();
       const end = Math.min(events.length, start + rows);
       for (let j = start; j < end; j++) appendObjectEvent(b, events[j], 0, null, 'api', this.config.time.timeZone);
-      const r = await this.ingestColumns(b);
+      // Only the last chunk carries the new position: a checkpoint after an earlier chunk must
+      // not claim the whole array.
+      const r = await this.ingestColumns(b, end === events.length ? position : this.positionValue);
       accepted += r.accepted;
       rejected += r.rejected;
       for (let i = 0; i < b.length; i++) reasons.push(b.status[i] === Reject.ok ? '' : rejectName(b.status[i]!));
@@ -484,7 +497,7 @@ export class Engine {
       version: META_VERSION, epoch, watermark: Number.isFinite(this.wm) ? this.wm : null,
       maxTs: Number.isFinite(this.maxTs) ? this.maxTs : null, position: this.positionValue, rejects,
       nextSeq: this.outbox.next, customTypes: this.types.customNames(), dedupeOldestDay: this.dedupe.oldest,
-      accepted: this.acceptedTotal,
+      accepted: this.acceptedTotal, timeZone: this.config.time.timeZone,
     };
     ops.push({ type: 'put', key: META_KEY, value: utf8.encode(JSON.stringify(meta)) });
     try {
@@ -586,6 +599,16 @@ export class Engine {
   /** Read-only access for operators' tests and tools. */
   get stateStore(): KvStore {
     return this.store;
+  }
+}
+
+async function readMeta(store: KvStore): Promise<Meta | null> {
+  const raw = await store.get(META_KEY);
+  if (raw === undefined) return null;
+  try {
+    return JSON.parse(utf8d.decode(raw)) as Meta;
+  } catch (err) {
+    throw new CrmError('STATE_CORRUPT', 'checkpoint metadata cannot be parsed', { cause: err });
   }
 }
 

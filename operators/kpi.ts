@@ -363,12 +363,12 @@ class CellTable {
   }
 
   /** Drops the cells `drop` says to (they are durable and final); keeps the rest in place order. */
-  compact(drop: (key: number) => boolean): number {
+  compact(drop: (key: number, index: number) => boolean): number {
     let w = 0;
     const index = new Map<number, number>();
     for (let i = 0; i < this.count; i++) {
       const key = this.keys[i]!;
-      if (drop(key)) continue;
+      if (drop(key, i)) continue;
       if (w !== i) {
         this.keys[w] = key;
         this.vals.copyWithin(w * NF, i * NF, i * NF + NF);
@@ -431,6 +431,12 @@ const cellStoreKey = (key: number): string => CELL_PREFIX + key.toString(36);
 /** A consistent view of every cell (final ones from the store, live ones from memory). */
 class CellView {
   readonly vals = new Map<number, Float64Array>();
+  /** Per dim: sums of coverage entries no longer listed (compacted), or null to list them all. */
+  private readonly base: ReadonlyMap<number, Float64Array> | null;
+
+  constructor(base: ReadonlyMap<number, Float64Array> | null) {
+    this.base = base;
+  }
   /** Per dim: sorted coverage days and running sums (NC per day). */
   private readonly cover = new Map<number, { days: number[]; sums: Float64Array }>();
 
@@ -446,7 +452,7 @@ class CellView {
     for (const [dim, list] of perDim) {
       list.sort((a, b) => a.day - b.day);
       const sums = new Float64Array(list.length * NC);
-      const acc = new Float64Array(NC);
+      const acc = Float64Array.from(this.base?.get(dim) ?? new Float64Array(NC));
       list.forEach((e, i) => {
         for (let f = 0; f < NC; f++) sums[i * NC + f] = acc[f]! += e.v[f]!;
       });
@@ -457,7 +463,7 @@ class CellView {
   /** Value of difference array `f` of `dim` at local day `day` (sum of entries at days ≤ day). */
   coverage(dim: number, f: number, day: number): number {
     const c = this.cover.get(dim);
-    if (c === undefined) return 0;
+    if (c === undefined) return this.base?.get(dim)?.[f] ?? 0;
     let lo = 0;
     let hi = c.days.length - 1;
     let at = -1;
@@ -468,7 +474,7 @@ class CellView {
         lo = mid + 1;
       } else hi = mid - 1;
     }
-    return at < 0 ? 0 : c.sums[at * NC + f]!;
+    return at < 0 ? (this.base?.get(dim)?.[f] ?? 0) : c.sums[at * NC + f]!;
   }
 }
 
@@ -489,6 +495,11 @@ export class KpiOperator implements Operator {
   private readonly R: number;
   private readonly net = new Netting();
   private readonly cells = new CellTable();
+  /**
+   * Per dim: the sum of the coverage (difference-array) cells compacted away. Their days are below
+   * the horizon, so every live window's running sums start from here.
+   */
+  private readonly coverBase = new Map<number, Float64Array>();
   private readonly writer = new BinWriter(256);
   private store: KvStore | null = null;
   /** dimension id → 'c:<channel>' | 'p:<platform>'; 0 = all. */
@@ -528,13 +539,26 @@ export class KpiOperator implements Operator {
     for await (const entries of store.scan({ gte: CELL_PREFIX, lt: 'k0' }, 1024)) {
       for (const e of entries) {
         const key = parseInt(e.key.slice(CELL_PREFIX.length), 36);
-        // Final windows are read from the store by queries only; coverage cells always stay.
-        if (cellGrain(key) !== CG_COVER && cellLastDay(key) < horizon) continue;
+        // Final windows are read from the store by queries only.
+        if (cellLastDay(key) < horizon) {
+          if (cellGrain(key) === CG_COVER) {
+            const v = new Float64Array(NF);
+            decodeCell(e.value, v, 0);
+            this.addCoverBase(cellDim(key), v, 0);
+          }
+          continue;
+        }
         const i = this.cells.slot(key);
         decodeCell(e.value, this.cells.vals, i * NF);
       }
     }
     this.compactedAt = horizon;
+  }
+
+  private addCoverBase(dim: number, vals: Float64Array, at: number): void {
+    let b = this.coverBase.get(dim);
+    if (b === undefined) this.coverBase.set(dim, (b = new Float64Array(NC)));
+    for (let f = 0; f < NC; f++) b[f]! += vals[at + f]!;
   }
 
   private observeWatermark(wm: number): void {
@@ -881,8 +905,12 @@ export class KpiOperator implements Operator {
     // Windows that crossed the retention horizon are final and durable (just written): drop them.
     if (this.horizon > this.compactedAt) {
       const h = this.horizon;
-      // Coverage cells stay: their running sums start at the beginning of time.
-      this.cellsCompacted += cells.compact((key) => cellGrain(key) !== CG_COVER && cellLastDay(key) < h);
+      const vals = cells.vals;
+      this.cellsCompacted += cells.compact((key, i) => {
+        if (cellLastDay(key) >= h) return false;
+        if (cellGrain(key) === CG_COVER) this.addCoverBase(cellDim(key), vals, i * NF);
+        return true;
+      });
       this.compactedAt = h;
     }
   }
@@ -909,7 +937,7 @@ export class KpiOperator implements Operator {
   }
 
   private memoryView(): CellView {
-    const view = new CellView();
+    const view = new CellView(this.coverBase);
     const c = this.cells;
     for (let i = 0; i < c.count; i++) view.vals.set(c.keys[i]!, c.vals.subarray(i * NF, i * NF + NF));
     view.finish();
@@ -918,7 +946,7 @@ export class KpiOperator implements Operator {
 
   /** Every cell: final ones from the store, overlaid with memory (which is newer). */
   private async fullView(): Promise<CellView> {
-    const view = new CellView();
+    const view = new CellView(null);
     if (this.store !== null) {
       for await (const entries of this.store.scan({ gte: CELL_PREFIX, lt: 'k0' }, 1024)) {
         for (const e of entries) {
