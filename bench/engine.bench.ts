@@ -9,8 +9,8 @@
  *   cache (250 k, the default) and an atomic checkpoint every second, the last one included.
  *
  * Each run starts from an empty store, so every run does the same work; the checksum is the
- * number of accepted events plus the profile count, identical run to run. KPI, segment and
- * campaign operators join these scenarios as they land.
+ * number of accepted events plus the profile count, identical run to run. The KPI operator is on
+ * (the default); segment and campaign operators join these scenarios as they land.
  */
 import { mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
@@ -92,7 +92,7 @@ export const engineCoreScenario: Scenario<EngineBenchState> = {
   name: 'engine core (memory)',
   setup: (ctx) => setup(ctx.quick),
   run: (s) => runEngine(s, null),
-  notes: (s) => `${s.events.toLocaleString('en-US')} events, ${s.profiles.toLocaleString('en-US')} profiles (generator: ${s.users.toLocaleString('en-US')} users); identity + profile state + validation + dedupe; KPI/segment/campaign operators not yet in`,
+  notes: (s) => `${s.events.toLocaleString('en-US')} events, ${s.profiles.toLocaleString('en-US')} profiles (generator: ${s.users.toLocaleString('en-US')} users); identity + profile state + validation + dedupe + all KPIs (docs/KPIS.md); segment/campaign operators not yet in`,
 };
 
 export const engineLevelScenario: Scenario<EngineBenchState & { dir: string }> = {

@@ -48,11 +48,21 @@ export interface Scenario<State = unknown> {
   /** The reference the other scenarios are divided by (one per run; the first one marked wins). */
   readonly baseline?: boolean;
   setup(ctx: BenchContext): Promise<State>;
-  run(state: State): Promise<number>;
+  /**
+   * Processes the input once; returns the items processed, or `{ items, ns }` when only part of
+   * the run is the thing measured (e.g. late events after an untimed fill): `ns` is then the
+   * scenario's own hrtime measurement of that part.
+   */
+  run(state: State): Promise<number | TimedItems>;
   /** Releases what setup acquired (files, databases). Optional. */
   teardown?(state: State): Promise<void>;
   /** Free text for the report: input shape, setup figures, what is and is not included. */
   notes?(state: State): string;
+}
+
+export interface TimedItems {
+  readonly items: number;
+  readonly ns: bigint;
 }
 
 /** One row of the report. */
@@ -146,10 +156,10 @@ export async function runScenario<S>(sc: Scenario<S>, ctx: BenchContext, opts: R
     for (let i = 0; i < repeats; i++) {
       collect?.();
       const t0 = process.hrtime.bigint();
-      const items = await sc.run(state);
-      const ns = process.hrtime.bigint() - t0;
+      const r = await sc.run(state);
+      const ns = typeof r === 'number' ? process.hrtime.bigint() - t0 : r.ns;
       samples.push(Number(ns) / 1e6);
-      itemsPerRun.push(items);
+      itemsPerRun.push(typeof r === 'number' ? r : r.items);
       checksums.push(takeSink());
     }
     const mem = process.memoryUsage();

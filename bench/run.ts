@@ -15,13 +15,18 @@ import { pathToFileURL } from 'node:url';
 import { decodeScenario, runDecodeMicroSuite } from './decode.bench.js';
 import { engineCoreScenario, engineLevelScenario } from './engine.bench.js';
 import { restartScenario } from './restart.bench.js';
+import { kpiOffScenario, kpiTableDuckScenario, kpiTableEngineScenario, lateEventsScenario } from './kpi.bench.js';
 import { markdownTable, runScenarios, writeResults, type BenchResult, type Scenario } from './harness.js';
 
 /** Every scenario, in run order: the baseline first. Add yours here (one file per scenario in bench/). */
 export const SCENARIOS: readonly Scenario[] = [
   decodeScenario,
   engineCoreScenario as Scenario,
+  kpiOffScenario as Scenario,
   engineLevelScenario as Scenario,
+  lateEventsScenario as Scenario,
+  kpiTableEngineScenario as Scenario,
+  kpiTableDuckScenario as Scenario,
   restartScenario as Scenario,
 ];
 

@@ -58,6 +58,8 @@ export const ConfigSchema = z.object({
     maxPayloadBytes: z.number().int().min(0).default(4096),
   }).prefault({}),
   kpi: z.object({
+    /** KPIs, cohorts and funnels maintained (default true). Off: queries fail with KPI_DISABLED. */
+    enabled: z.boolean().default(true),
     /** N of first_purchase_conversion: first purchase within N days of sign-up (default 7). */
     firstPurchaseDays: z.number().int().min(1).max(366).default(7),
     /** R of customers_at / crr / cohort_retention: purchase within the last R local days (default 90). */

@@ -97,7 +97,7 @@ export class Engine {
   private readonly opByTimerKind = new Map<string, Operator>();
   /** Operators that adjust aggregates around identity merges (beforeMerge/afterMerge). */
   private readonly mergeAware: readonly Operator[];
-  private readonly kpi: KpiOperator;
+  private readonly kpi: KpiOperator | null;
   /** The per-user state slots, in record order (operators without per-user state have none). */
   private readonly slots: readonly StateSlot<unknown>[];
   private readonly profiles: ProfileTable;
@@ -135,8 +135,8 @@ export class Engine {
     this.store = store;
     this.tickMs = opts.tickMs ?? 1000;
     const profileOp = new ProfileOperator();
-    this.kpi = new KpiOperator({ timeZone: config.time.timeZone, ...config.kpi });
-    this.operators = [profileOp, this.kpi, ...(opts.operators ?? [])];
+    this.kpi = config.kpi.enabled ? new KpiOperator({ timeZone: config.time.timeZone, ...config.kpi }) : null;
+    this.operators = [profileOp, ...(this.kpi === null ? [] : [this.kpi]), ...(opts.operators ?? [])];
     this.mergeAware = this.operators.filter((op) => op.beforeMerge !== undefined && op.afterMerge !== undefined);
     const slots: StateSlot<unknown>[] = [];
     for (const op of this.operators) {
@@ -548,17 +548,22 @@ export class Engine {
    * const total = months.filter((r) => r.channel === '*' && r.platform === '*');
    */
   kpis(grain: KpiGrain): Promise<KpiRow[]> {
-    return this.kpi.kpis(grain);
+    return this.kpiOperator().kpis(grain);
   }
 
   /** Cohort matrix rows (first-activity or sign-up cohorts) by week or month. */
   cohorts(grain: CohortGrain, kind: CohortKind = 'first_activity'): Promise<CohortRow[]> {
-    return this.kpi.cohorts(grain, kind);
+    return this.kpiOperator().cohorts(grain, kind);
   }
 
   /** Journey funnel rows per sign-up cohort window. */
   funnel(grain: KpiGrain): Promise<FunnelRow[]> {
-    return this.kpi.funnel(grain);
+    return this.kpiOperator().funnel(grain);
+  }
+
+  private kpiOperator(): KpiOperator {
+    if (this.kpi === null) throw new CrmError('KPI_DISABLED', 'KPIs are switched off in this engine (kpi.enabled = false)');
+    return this.kpi;
   }
 
   /** Engine counters for metrics and reports. */
@@ -568,7 +573,8 @@ export class Engine {
       dirtyProfiles: this.profiles.dirtyCount, profilesCreated: this.profiles.created, profileLoads: this.profiles.loads, profileMisses: this.profiles.misses,
       timersFired: this.timers.fired, orphanTimers: this.orphanTimers, aliases: this.identity.aliasesCreated,
       identityConflicts: this.identity.conflicts, dedupeIds: this.dedupe.size, outboxAppended: this.outbox.appended,
-      kpiUpdates: this.kpi.updates, kpiCorrections: this.kpi.corrections, kpiLiveCells: this.kpi.liveCells, kpiCellsCompacted: this.kpi.cellsCompacted,
+      kpiUpdates: this.kpi?.updates ?? 0, kpiCorrections: this.kpi?.corrections ?? 0, kpiLiveCells: this.kpi?.liveCells ?? 0,
+      kpiCellsCompacted: this.kpi?.cellsCompacted ?? 0,
     };
   }
 

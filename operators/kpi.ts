@@ -318,27 +318,66 @@ class Netting {
 const FLAG_DIRTY = 1;
 const FLAG_CORRECTED = 2;
 
+/**
+ * Aggregate cells: one row of NF doubles per cell key, in growable typed arrays. The index is an
+ * open-addressing hash over the double keys (most exceed the small-integer range, and a Map would
+ * box every one of them on the hot path).
+ */
 class CellTable {
-  private index = new Map<number, number>();
+  private hmask = (1 << 12) - 1;
+  private hkeys = new Float64Array(1 << 12);
+  /** Cell index + 1 per hash slot; 0 = empty. */
+  private hidx = new Int32Array(1 << 12);
   keys = new Float64Array(1024);
   vals = new Float64Array(1024 * NF);
   flags = new Uint8Array(1024);
   dirty: number[] = [];
   count = 0;
 
+  private hash(key: number): number {
+    const hi = Math.floor(key / 4_294_967_296);
+    const h = Math.imul((key >>> 0) ^ Math.imul(hi, 0x9e3779b1), 0x85ebca6b);
+    return (h ^ (h >>> 15)) & this.hmask;
+  }
+
   slot(key: number): number {
-    let i = this.index.get(key);
-    if (i === undefined) {
-      i = this.count++;
-      if (i >= this.keys.length) this.grow();
-      this.keys[i] = key;
-      this.index.set(key, i);
+    let h = this.hash(key);
+    for (;;) {
+      const at = this.hidx[h]!;
+      if (at === 0) break;
+      if (this.hkeys[h] === key) return at - 1;
+      h = (h + 1) & this.hmask;
     }
+    const i = this.count++;
+    if (i >= this.keys.length) this.grow();
+    this.keys[i] = key;
+    this.hkeys[h] = key;
+    this.hidx[h] = i + 1;
+    if (this.count * 2 > this.hmask) this.rehash(this.hmask + 1 < this.count * 4 ? (this.hmask + 1) * 2 : this.hmask + 1);
     return i;
   }
 
   find(key: number): number {
-    return this.index.get(key) ?? -1;
+    let h = this.hash(key);
+    for (;;) {
+      const at = this.hidx[h]!;
+      if (at === 0) return -1;
+      if (this.hkeys[h] === key) return at - 1;
+      h = (h + 1) & this.hmask;
+    }
+  }
+
+  private rehash(cap: number): void {
+    this.hmask = cap - 1;
+    this.hkeys = new Float64Array(cap);
+    this.hidx = new Int32Array(cap);
+    for (let i = 0; i < this.count; i++) {
+      const key = this.keys[i]!;
+      let h = this.hash(key);
+      while (this.hidx[h] !== 0) h = (h + 1) & this.hmask;
+      this.hkeys[h] = key;
+      this.hidx[h] = i + 1;
+    }
   }
 
   add(key: number, f: number, v: number, corrected: boolean): void {
@@ -365,7 +404,6 @@ class CellTable {
   /** Drops the cells `drop` says to (they are durable and final); keeps the rest in place order. */
   compact(drop: (key: number, index: number) => boolean): number {
     let w = 0;
-    const index = new Map<number, number>();
     for (let i = 0; i < this.count; i++) {
       const key = this.keys[i]!;
       if (drop(key, i)) continue;
@@ -374,13 +412,13 @@ class CellTable {
         this.vals.copyWithin(w * NF, i * NF, i * NF + NF);
         this.flags[w] = this.flags[i]!;
       }
-      index.set(key, w++);
+      w++;
     }
     const dropped = this.count - w;
     this.vals.fill(0, w * NF, this.count * NF);
     this.flags.fill(0, w, this.count);
     this.count = w;
-    this.index = index;
+    this.rehash(this.hmask + 1);
     this.dirty = [];
     for (let i = 0; i < w; i++) if ((this.flags[i]! & FLAG_DIRTY) !== 0) this.dirty.push(i);
     return dropped;

@@ -28,7 +28,7 @@ function valuesEqual(a: unknown, b: unknown, relTol: number): boolean {
  * extra rows in actual, duplicate keys and field mismatches. Empty when they agree. At most 50
  * lines, then one line with how many more were left out.
  */
-export function compareRows<T>(
+export function compareRows<T extends object>(
   actual: readonly T[],
   expected: readonly T[],
   keyFields: readonly (keyof T)[],
@@ -57,7 +57,7 @@ export function compareRows<T>(
       continue;
     }
     // Fields of either row, so a field present on one side only is reported too.
-    const fields = new Set<keyof T>([...(Object.keys(e as object) as (keyof T)[]), ...(Object.keys(a as object) as (keyof T)[])]);
+    const fields = new Set<keyof T>([...(Object.keys(e) as (keyof T)[]), ...(Object.keys(a) as (keyof T)[])]);
     for (const f of fields) {
       if (keySet.has(f)) continue;
       if (!valuesEqual(a[f], e[f], relTol)) {

@@ -27,9 +27,9 @@ function find<T extends { channel: string; platform: string }>(
   return row;
 }
 const kpi = (rows: readonly KpiRow[], w: string, c = '*', p = '*'): KpiRow => find(rows, 'window', w, c, p);
-const keys = (rows: readonly { channel: string; platform: string }[], f: (r: never) => string): string[] =>
-  rows.map((r) => `${f(r as never)} ${r.channel} ${r.platform}`);
-const kpiKeys = (rows: readonly KpiRow[]): string[] => keys(rows, (r: KpiRow) => r.window);
+/** Row keys as `window channel platform`, in the oracle's order. */
+const kpiKeys = (rows: readonly KpiRow[]): string[] => rows.map((r) => `${r.window} ${r.channel} ${r.platform}`);
+const funnelKeys = (rows: readonly FunnelRow[]): string[] => rows.map((r) => `${r.cohort} ${r.channel} ${r.platform}`);
 
 let oracle: KpiOracle;
 beforeAll(async () => {
@@ -213,12 +213,12 @@ describe('purchases, conversion and revisits', () => {
     expect(compareRows(month, expected, ['grain', 'cohort', 'channel', 'platform'])).toEqual([]);
     // Day grain: only 05-01 has visits (first activity) or signups.
     const day = await oracle.funnel('day', opts);
-    expect(keys(day, (r: FunnelRow) => r.cohort)).toEqual(['2024-05-01 * *']);
+    expect(funnelKeys(day)).toEqual(['2024-05-01 * *']);
   });
 
   it('nests funnel steps and counts purchases before the sign_up', async () => {
-    // f1: visit 06-01, purchase 06-02 (before signing up), sign_up 06-03, activity 06-04 (fpd+2),
-    //     purchase 06-10 → first_purchase, revisit, repeat.
+    // f1: visit 06-01, purchase 06-02 (before signing up), sign_up 06-03 and visit 06-04 (fpd+1,
+    //     fpd+2), purchase 06-10 → first_purchase, revisit, repeat.
     // f2: sign_up 06-03, purchase 06-03 twice, nothing after → first purchase and ≥ 2 purchases but
     //     no revisit, so not in repeat_purchase (nested in revisit).
     // f3: visit 06-05 only.
@@ -236,7 +236,7 @@ describe('purchases, conversion and revisits', () => {
     const opts6 = UTC('2024-06-30T00:00:00Z');
     const day = await oracle.funnel('day', opts6);
     const row = (k: string): FunnelRow => find(day, 'cohort', k);
-    expect(keys(day, (r: FunnelRow) => r.cohort)).toEqual(['2024-06-01 * *', '2024-06-03 * *', '2024-06-05 * *']);
+    expect(funnelKeys(day)).toEqual(['2024-06-01 * *', '2024-06-03 * *', '2024-06-05 * *']);
     expect(row('2024-06-01')).toMatchObject({ visit: 1, sign_up: 0, first_purchase: 0, sign_up_rate: 0, first_purchase_rate: null });
     expect(row('2024-06-03')).toMatchObject({
       visit: 1, sign_up: 2, first_purchase: 2, revisit: 1, repeat_purchase: 1, // f2 is new here; f1 signed up here
@@ -331,6 +331,24 @@ describe('customers, retention, dormancy, spend and clv', () => {
     const month = await oracle.kpis('month', { ...opts, activeCustomerDays: 30 });
     expect(kpi(month, '2024-04')).toMatchObject({ customers_start: 1, cohort_retention: 0, churn_rate: 1 });
   });
+
+  it('bounds C(d) by [d − R, d − 1]', async () => {
+    // R = 30. b2 buys 03-01 (= 04-01 − 31), b1 03-02 (= 04-01 − 30), b4 04-01, b3 04-30.
+    await oracle.load([
+      ev('purchase', 'b2', '', '2024-03-01T10:00:00Z', { amount: 1 }),
+      ev('purchase', 'b1', '', '2024-03-02T10:00:00Z', { amount: 1 }),
+      ev('purchase', 'b4', '', '2024-04-01T10:00:00Z', { amount: 1 }),
+      ev('purchase', 'b3', '', '2024-04-30T10:00:00Z', { amount: 1 }),
+    ]);
+    const o30 = { ...UTC('2024-05-01T00:00:00Z'), activeCustomerDays: 30 };
+    // April: C(04-01) = [03-02, 03-31] → b1; C(05-01) = [04-01, 04-30] → b4, b3 (not b1).
+    // first purchasers b4, b3 → crr = (2 − 2) / 1 = 0.
+    const month = await oracle.kpis('month', o30);
+    expect(kpi(month, '2024-04')).toMatchObject({ customers_start: 1, customers_end: 2, first_purchasers: 2, crr: 0, cohort_retention: 0 });
+    // Day 04-01: C(04-01) → b1 (b4's purchase that day is not before it); C(04-02) = [03-03, 04-01] → b4.
+    const day = await oracle.kpis('day', o30);
+    expect(kpi(day, '2024-04-01')).toMatchObject({ customers_start: 1, customers_end: 1, crr: 0 });
+  });
 });
 
 describe('rolling active users', () => {
@@ -386,20 +404,25 @@ describe('calendar', () => {
     expect(month.map((r) => [r.window, r.active_users])).toEqual([['2024-01', 3], ['2024-02', 1]]);
     const week = await oracle.kpis('week', opts);
     expect(week.map((r) => [r.window, r.active_users])).toEqual([['2024-W01', 1], ['2024-W02', 1], ['2024-W05', 2]]);
-    // The watermark 02-01 15:00 UTC is 02-02 00:00 KST: a day row ending 02-02 00:00 KST + 7 d is
-    // after it → maturing; with the same instant read in UTC (02-01) the dormancy day would differ.
+    // Day 02-01 ends at 02-02 00:00 KST (= the watermark instant); + 7 d is after it → maturing.
     expect(kpi(day, '2024-02-01').first_purchase_maturing).toBe(true);
   });
 
   it('takes the watermark day in the zone for dormancy', async () => {
-    // One purchase on 2024-01-01 (KST). Watermark 2024-01-30T15:00Z = 01-31 00:00 KST: e = 01-31,
-    // 01-01 ≤ e − 30 = 01-01 → dormant_30 = 1 in the January month row. One ms earlier e = 01-30 → 0.
-    await oracle.load([ev('purchase', 'd1', '', '2023-12-31T15:00:00Z', { amount: 1 })]);
+    // d1 buys on 2024-01-01 KST, d2 on 2023-12-02 KST (both at local midnight). The watermark
+    // 2024-01-30T15:00Z is 01-31 00:00 KST, so in the January row e = 01-31: d1's 01-01 ≤ e − 30 and
+    // d2's 12-02 ≤ e − 60 → dormant_30 = 2 (d1, d2), dormant_60 = 1 (d2). One ms earlier e = 01-30:
+    // e − 30 = 12-31 (d2 only), e − 60 = 12-01 (nobody).
+    await oracle.load([
+      ev('purchase', 'd2', '', '2023-12-01T15:00:00Z', { amount: 1 }),
+      ev('purchase', 'd1', '', '2023-12-31T15:00:00Z', { amount: 1 }),
+    ]);
     const wm = Date.parse('2024-01-30T15:00:00Z');
     const at = await oracle.kpis('month', { timeZone: 'Asia/Seoul', watermark: wm });
-    expect(kpi(at, '2024-01').dormant_30).toBe(1);
+    expect(kpiKeys(at)).toEqual(['2023-12 * *', '2024-01 * *']);
+    expect(kpi(at, '2024-01')).toMatchObject({ dormant_30: 2, dormant_60: 1 });
     const before = await oracle.kpis('month', { timeZone: 'Asia/Seoul', watermark: wm - 1 });
-    expect(kpi(before, '2024-01').dormant_30).toBe(0);
+    expect(kpi(before, '2024-01')).toMatchObject({ dormant_30: 1, dormant_60: 0 });
   });
 });
 
@@ -473,17 +496,16 @@ describe('compareRows', () => {
   it('reports missing, extra and different rows with tolerance', () => {
     const expected: R[] = [{ k: 'a', x: 1, s: 'p' }, { k: 'b', x: null, s: 'p' }, { k: 'c', x: 3, s: 'p' }];
     const actual: R[] = [{ k: 'a', x: 1 + 1e-12, s: 'p' }, { k: 'b', x: 0, s: 'q' }, { k: 'd', x: 3, s: 'p' }];
+    // Expected rows are walked in order (field mismatches, missing rows), then the extra rows.
     expect(compareRows(actual, expected, ['k'])).toEqual([
-      'missing row [k="c"]',
       '[k="b"] x: actual 0, expected null',
       '[k="b"] s: actual "q", expected "p"',
+      'missing row [k="c"]',
       'extra row [k="d"]',
-    ].sort((p, q) => order(p) - order(q)));
+    ]);
     expect(compareRows([{ k: 'z', x: 1e-12, s: '' }], [{ k: 'z', x: 0, s: '' }], ['k'])).toEqual([]);
     expect(compareRows([{ k: 'z', x: 1.001, s: '' }], [{ k: 'z', x: 1, s: '' }], ['k'], 1e-2)).toEqual([]);
   });
-  // compareRows walks expected rows in order (field mismatches and missing rows), then extra rows.
-  const order = (m: string): number => (m.startsWith('[k="b"]') ? 0 : m.startsWith('missing') ? 1 : 2);
 
   it('caps the messages', () => {
     const many = Array.from({ length: 80 }, (_, i) => ({ k: String(i), x: i, s: '' }));
