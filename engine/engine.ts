@@ -547,17 +547,17 @@ export class Engine {
    * const months = await engine.kpis('month');
    * const total = months.filter((r) => r.channel === '*' && r.platform === '*');
    */
-  kpis(grain: KpiGrain): Promise<KpiRow[]> {
+  async kpis(grain: KpiGrain): Promise<KpiRow[]> {
     return this.kpiOperator().kpis(grain);
   }
 
   /** Cohort matrix rows (first-activity or sign-up cohorts) by week or month. */
-  cohorts(grain: CohortGrain, kind: CohortKind = 'first_activity'): Promise<CohortRow[]> {
+  async cohorts(grain: CohortGrain, kind: CohortKind = 'first_activity'): Promise<CohortRow[]> {
     return this.kpiOperator().cohorts(grain, kind);
   }
 
   /** Journey funnel rows per sign-up cohort window. */
-  funnel(grain: KpiGrain): Promise<FunnelRow[]> {
+  async funnel(grain: KpiGrain): Promise<FunnelRow[]> {
     return this.kpiOperator().funnel(grain);
   }
 

@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { Calendar } from '../../engine/calendar.js';
+import { Calendar, monthFirstDay, monthOfDay } from '../../engine/calendar.js';
 
 /**
  * The calendar against independent oracles: Intl's own local date of each instant (day and month
@@ -65,5 +65,18 @@ describe('Calendar', () => {
     expect(utc.dayLabel(utc.weekFirstDay(utc.weekOfDay(dayOf(2024, 3, 14))))).toBe('2024-03-11');
     expect(utc.dayLabel(utc.monthFirstDay(utc.monthOfDay(dayOf(2024, 3, 14))))).toBe('2024-03-01');
     expect(() => new Calendar('Mars/Olympus')).toThrow(expect.objectContaining({ code: 'CONFIG_INVALID' }));
+  });
+});
+
+describe('month arithmetic (no Date on the hot path)', () => {
+  it('monthOfDay and monthFirstDay agree with Date for every day of 1900–2200', () => {
+    const DAYMS = 86_400_000;
+    for (let day = Math.round(Date.UTC(1900, 0, 1) / DAYMS); day < Date.UTC(2200, 0, 1) / DAYMS; day++) {
+      const d = new Date(day * DAYMS);
+      const month = (d.getUTCFullYear() - 1970) * 12 + d.getUTCMonth();
+      if (monthOfDay(day) !== month) throw new Error(`monthOfDay(${day}) = ${monthOfDay(day)}, expected ${month}`);
+      if (d.getUTCDate() === 1 && monthFirstDay(month) !== day) throw new Error(`monthFirstDay(${month}) = ${monthFirstDay(month)}, expected ${day}`);
+    }
+    expect(monthOfDay(0)).toBe(0);
   });
 });
