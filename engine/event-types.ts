@@ -28,10 +28,17 @@ export const CUSTOM_BASE = 32;
 /** Custom type names beyond this many share one code (their name stays in the `type` column). */
 export const MAX_CUSTOM_TYPES = 1024;
 export const CUSTOM_OVERFLOW = CUSTOM_BASE + MAX_CUSTOM_TYPES;
+/**
+ * Custom `message_*` names (SPEC §4: not activity, like the built-in message types) get codes
+ * from their own range, so "is this activity?" stays a comparison on the code.
+ */
+export const CUSTOM_MESSAGE_BASE = 2048;
+export const CUSTOM_MESSAGE_OVERFLOW = CUSTOM_MESSAGE_BASE + MAX_CUSTOM_TYPES;
 
 /** Activity (SPEC §4) = any user event except `cost` and `message_*`. */
 export function isActivity(code: number): boolean {
-  return code !== EventType.cost && (code < EventType.message_sent || code > EventType.message_clicked) && code !== EventType.unknown;
+  return code !== EventType.cost && (code < EventType.message_sent || code > EventType.message_clicked) && code !== EventType.unknown &&
+    code < CUSTOM_MESSAGE_BASE;
 }
 
 /**
@@ -43,6 +50,7 @@ export class TypeRegistry {
   private readonly codes = new Map<string, number>();
   private readonly names: string[] = [];
   private nextCustom = CUSTOM_BASE;
+  private nextMessage = CUSTOM_MESSAGE_BASE;
 
   constructor() {
     for (const name of KNOWN_TYPE_NAMES) {
@@ -55,8 +63,14 @@ export class TypeRegistry {
   code(name: string): number {
     const known = this.codes.get(name);
     if (known !== undefined) return known;
-    if (this.nextCustom >= CUSTOM_OVERFLOW) return CUSTOM_OVERFLOW;
-    const code = this.nextCustom++;
+    let code: number;
+    if (name.startsWith('message_')) {
+      if (this.nextMessage >= CUSTOM_MESSAGE_OVERFLOW) return CUSTOM_MESSAGE_OVERFLOW;
+      code = this.nextMessage++;
+    } else {
+      if (this.nextCustom >= CUSTOM_OVERFLOW) return CUSTOM_OVERFLOW;
+      code = this.nextCustom++;
+    }
     this.codes.set(name, code);
     this.names[code] = name;
     return code;
@@ -66,7 +80,7 @@ export class TypeRegistry {
     return this.names[code] ?? 'custom';
   }
 
-  /** Custom names in code order, for checkpoints (codes must survive a restart). */
+  /** Custom names in code order, for checkpoints (codes must survive a restart: each range is re-filled in order). */
   customNames(): string[] {
     return this.names.slice(CUSTOM_BASE).filter((n): n is string => n !== undefined);
   }

@@ -652,11 +652,18 @@ export class KpiOperator implements Operator {
       (code === EventType.sign_up && !(tr.signupTs <= ts)) || (code === EventType.refund && amt !== 0);
     if (!changes) return;
     this.updates++;
+    const n = tr.days.length;
+    if (idx === -n - 1 && n > 0 && !firstChanges && code !== EventType.purchase && !(code === EventType.refund && amt !== 0) &&
+      !(code === EventType.sign_up && !(tr.signupTs <= ts))) {
+      this.appendDay(tr, day);
+      return;
+    }
     const all = tr.platform === '';
     const chBefore = tr.firstChannel;
     const net = this.net;
     net.reset();
-    this.contribute(tr, -1);
+    // A track that has never been seen has no contribution to retract.
+    if (n > 0 || !Number.isNaN(tr.firstTs)) this.contribute(tr, -1);
     // Mutate the facts.
     let at = idx;
     if (at < 0) {
@@ -688,6 +695,67 @@ export class KpiOperator implements Operator {
       this.contribute(tr, 1);
       this.flushTrack(tr);
     }
+  }
+
+  /**
+   * The most common change, done as its delta: plain activity on a day after every day the track
+   * has. `contribute` over the old and new facts would give exactly these entries (the oracle
+   * tests hold both paths to the SQL definitions): the new windows become active (and so do their
+   * cohort cells), the revisit flag may flip, and the rolling-activity runs extend or start.
+   */
+  private appendDay(tr: KpiTrack, day: number): void {
+    const net = this.net;
+    net.reset();
+    const d = tr.days;
+    const last = d[d.length - 3]!;
+    const H = this.horizon;
+    const cal = this.cal;
+    const fDay = cal.dayOf(tr.firstTs);
+    const sDay = Number.isNaN(tr.signupTs) ? Number.NaN : cal.dayOf(tr.signupTs);
+    const pDay = Number.isNaN(tr.firstPurchaseTs) ? Number.NaN : cal.dayOf(tr.firstPurchaseTs);
+    for (let g = CG_DAY; g <= CG_MONTH; g++) {
+      const w = winOf(g, day);
+      if (w === winOf(g, last) || lastDayOf(g, w) < H) continue;
+      net.add((w * 8 + g) * NF + F_ACTIVE, 1);
+      if (g !== CG_DAY) {
+        const cg = CG_COHORT + (g - 1);
+        const fa = winOf(g, fDay);
+        if (w >= fa) this.cohortEntry(cg, fa, w - fa, 0, 0, 1);
+        if (!Number.isNaN(sDay)) {
+          const su = winOf(g, sDay);
+          if (w >= su) this.cohortEntry(cg + 2, su, w - su, 0, 0, 1);
+        }
+      }
+    }
+    if (!Number.isNaN(pDay) && day > pDay && day <= pDay + 3) {
+      let k = findDay(d, pDay + 1);
+      if (k < 0) k = -k - 1;
+      const had = k < d.length && d[k]! <= pDay + 3;
+      if (!had) {
+        for (let g = CG_DAY; g <= CG_MONTH; g++) {
+          const w = winOf(g, pDay);
+          if (lastDayOf(g, w) >= H) net.add((w * 8 + g) * NF + F_REVISIT, 1);
+          if (!Number.isNaN(sDay)) {
+            const su = winOf(g, sDay);
+            if (lastDayOf(g, su) >= H) {
+              net.add((su * 8 + g) * NF + F_FUN_REVISIT, 1);
+              if (tr.purchases >= 2) net.add((su * 8 + g) * NF + F_FUN_REPEAT, 1);
+            }
+          }
+        }
+      }
+    }
+    this.extendRun(last, day, 7, C_ACT7);
+    this.extendRun(last, day, 30, C_ACT30);
+    d.push(day, 0, 0);
+    this.flushTrack(tr);
+  }
+
+  /** A covered run [.., last + span) meets a new day after it: extend it, or start a new run. */
+  private extendRun(last: number, day: number, span: number, f: number): void {
+    if (day <= last + span) this.coverEdge(last + span, f, 1);
+    else this.coverEdge(day, f, 1);
+    this.coverEdge(day + span, f, -1);
   }
 
   private flushTrack(tr: KpiTrack): void {

@@ -364,7 +364,7 @@ describe('protobuf Event', () => {
 
 describe('protobuf EventBatch', () => {
   const events: crmstream.v1.IEvent[] = Array.from({ length: 10 }, (_, k) => ({
-    event_id: `e${k}`, type: 'page_view', anonymous_id: `a${k % 3}`, ts: 1_569_888_000_000 + k, props: k % 2 ? { n: String(k) } : {},
+    event_id: `e${k}`, type: 'page_view', anonymous_id: `a${k % 3}`, ts: 1_569_888_000_000 + k, props: k % 2 ? { n: String(k) } : ({} as Record<string, string>),
   }));
   const batchBytes = () => EventBatch.encode({ events }).finish();
 

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { EventColumns } from '../../engine/batch.js';
 import { type ConfigInput, resolveConfig } from '../../engine/config.js';
-import { CUSTOM_BASE, EventType, Reject, TypeRegistry } from '../../engine/event-types.js';
+import { CUSTOM_BASE, EventType, Reject, TypeRegistry, isActivity } from '../../engine/event-types.js';
 import { validateStatic } from '../../engine/validate.js';
 
 const T = Date.UTC(2024, 0, 1);
@@ -203,5 +203,18 @@ describe('validateStatic ordering and isolation', () => {
     validateStatic(b, resolveConfig({}), new TypeRegistry());
     expect(b.length).toBe(0);
     expect(Array.from(b.status)).toEqual([0, 0, 0, 0]);
+  });
+});
+
+describe('custom message types', () => {
+  it('a custom message_* type is not activity; other custom types are; codes survive a restore', () => {
+    const reg = new TypeRegistry();
+    const wish = reg.code('wishlist');
+    const msg = reg.code('message_bounced');
+    expect(isActivity(wish)).toBe(true);
+    expect(isActivity(msg)).toBe(false);
+    const again = new TypeRegistry();
+    again.restoreCustom(reg.customNames());
+    expect([again.code('wishlist'), again.code('message_bounced')]).toEqual([wish, msg]);
   });
 });

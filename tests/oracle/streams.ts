@@ -20,7 +20,7 @@ export interface StreamEvent {
   platform: string;
 }
 
-const TYPES = ['visit', 'page_view', 'sign_up', 'login', 'add_to_cart', 'purchase', 'refund', 'review', 'message_sent', 'message_opened', 'cost', 'wishlist'] as const;
+const TYPES = ['visit', 'page_view', 'sign_up', 'login', 'add_to_cart', 'purchase', 'refund', 'review', 'message_sent', 'message_opened', 'message_bounced', 'cost', 'wishlist'] as const;
 
 const eventArb = (days: number) => fc.record({
   user: fc.nat(11),
