@@ -13,7 +13,7 @@ import { parseMap } from '../engine/sources/csv.js';
 import { SortedInput, type BackfillPosition, type InputFormat } from '../engine/sources/files.js';
 import { runDemo } from './demo.js';
 import { EXPORT_FORMATS, writeRows, type ExportFormat } from './export.js';
-import { KPI_FIELDS } from '../operators/kpi-rows.js';
+import { COHORT_FIELDS, KPI_FIELDS } from '../operators/kpi-rows.js';
 
 /**
  * The `crmstream` command line (SPEC §9). Flags are a contract outside tools script against: add,
@@ -128,7 +128,7 @@ async function withStoredEngine<T>(opts: { dataDir: string; config?: string }, f
 }
 
 const KPI_COLUMNS = ['grain', 'window', 'channel', 'platform', ...KPI_FIELDS];
-const COHORT_COLUMNS = ['grain', 'kind', 'cohort', 'channel', 'platform', 'size', 'age', 'active', 'purchasers', 'revenue', 'cum_revenue_per_user'];
+const COHORT_COLUMNS = COHORT_FIELDS;
 const FUNNEL_COLUMNS = ['grain', 'cohort', 'channel', 'platform', 'visit', 'sign_up', 'first_purchase', 'revisit', 'repeat_purchase',
   'sign_up_rate', 'first_purchase_rate', 'revisit_rate', 'repeat_purchase_rate'];
 

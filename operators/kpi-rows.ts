@@ -44,25 +44,30 @@ export interface KpiRow {
 
 /** The KPI fields of a row in output order (everything after grain, window, channel, platform). */
 export const KPI_FIELDS = [
+  // SPEC §9, in its order…
   'active_users', 'new_users', 'signups', 'signup_conversion', 'purchasers', 'orders', 'revenue', 'pcr', 'arppu', 'arpu',
-  'repeat_purchase_rate', 'first_purchasers', 'first_purchase_conversion', 'first_purchase_maturing', 'revisit_rate_d1_3',
-  'customers_start', 'customers_end', 'crr', 'cohort_retention', 'churn_rate', 'dormant_30', 'dormant_60', 'spend', 'cac',
-  'clv', 'active_users_7d', 'active_users_30d',
+  'repeat_purchase_rate', 'first_purchasers', 'first_purchase_conversion', 'revisit_rate_d1_3', 'customers_start',
+  'customers_end', 'crr', 'cohort_retention', 'churn_rate', 'spend', 'cac', 'clv',
+  // …then the fields this implementation adds (SPEC §4 KPIs the §9 line does not list).
+  'first_purchase_maturing', 'dormant_30', 'dormant_60', 'active_users_7d', 'active_users_30d',
 ] as const satisfies readonly (keyof KpiRow)[];
 
 export interface CohortRow {
   grain: CohortGrain;
-  kind: CohortKind;
   cohort: string;
-  channel: string;
-  platform: string;
   size: number;
   age: number;
   active: number;
   purchasers: number;
   revenue: number;
+  kind: CohortKind;
+  channel: string;
+  platform: string;
   cum_revenue_per_user: number;
 }
+
+/** Cohort row fields in output order: SPEC §9's, then the added ones. */
+export const COHORT_FIELDS = ['grain', 'cohort', 'size', 'age', 'active', 'purchasers', 'revenue', 'kind', 'channel', 'platform', 'cum_revenue_per_user'] as const satisfies readonly (keyof CohortRow)[];
 
 export interface FunnelRow {
   grain: KpiGrain;

@@ -539,6 +539,11 @@ export class KpiOperator implements Operator {
    */
   private readonly coverBase = new Map<number, Float64Array>();
   private readonly writer = new BinWriter(256);
+  /**
+   * Per dim, since the last checkpoint: [first day whose running (coverage) count changed, last
+   * day that had closed when one did] — the closed rows to re-emit as corrections.
+   */
+  private readonly coverFrom = new Map<number, [number, number]>();
   private store: KvStore | null = null;
   /** dimension id → 'c:<channel>' | 'p:<platform>'; 0 = all. */
   private readonly dimNames: string[] = ['*'];
@@ -778,8 +783,26 @@ export class KpiOperator implements Operator {
       const g = base - w * 8;
       const corrected = g <= CG_MONTH && lastDayOf(g, w) < this.wmDay;
       if (corrected) this.corrections++;
+      else if (g === CG_COVER) {
+        // A running count changed from day w on: the rows that read it and have closed are
+        // corrected too (customers_end of the window ending the day before reads the count at w).
+        const from = f === C_CUST ? w - 1 : w;
+        if (from < this.wmDay) {
+          this.coverChanged(d1, from);
+          if (d2 >= 0) this.coverChanged(d2, from);
+        }
+      }
       cells.add(base * DIM_SPAN + d1, f, v, corrected);
       if (d2 >= 0) cells.add(base * DIM_SPAN + d2, f, v, corrected);
+    }
+  }
+
+  private coverChanged(dim: number, day: number): void {
+    const r = this.coverFrom.get(dim);
+    if (r === undefined) this.coverFrom.set(dim, [day, this.wmDay - 1]);
+    else {
+      if (day < r[0]) r[0] = day;
+      if (this.wmDay - 1 > r[1]) r[1] = this.wmDay - 1;
     }
   }
 
@@ -1003,6 +1026,16 @@ export class KpiOperator implements Operator {
         : { type: 'del', key: cellStoreKey(key) });
     }
     cells.dirty = [];
+    // Closed rows whose customers / dormant / rolling-active figures moved with a running count.
+    for (const [dim, [from, until]] of this.coverFrom) {
+      for (let g = CG_DAY; g <= CG_MONTH; g++) {
+        for (let w = winOf(g, Math.max(from, this.horizon)); lastDayOf(g, w) <= until; w++) {
+          const key = (w * 8 + g) * DIM_SPAN + dim;
+          if (cells.find(key) >= 0) (corrected ??= []).push(key);
+        }
+      }
+    }
+    this.coverFrom.clear();
     if (corrected !== null) this.emitCorrections(corrected, ctx);
     if (this.dimsDirty) {
       ops.push({ type: 'put', key: META_KEY, value: new TextEncoder().encode(JSON.stringify({ dims: this.dimNames })) });
@@ -1106,12 +1139,11 @@ export class KpiOperator implements Operator {
       active_users: active, new_users: newUsers, signups, signup_conversion: ratio(signups, newUsers),
       purchasers, orders: v[F_ORDERS]!, revenue, pcr: ratio(purchasers, active), arppu, arpu: ratio(revenue, active),
       repeat_purchase_rate: ratio(v[F_REPEATERS]!, purchasers), first_purchasers: fp,
-      first_purchase_conversion: ratio(v[F_FPC]!, signups),
+      first_purchase_conversion: ratio(v[F_FPC]!, signups), revisit_rate_d1_3: ratio(v[F_REVISIT]!, fp),
+      customers_start: cStart, customers_end: cEnd, crr: ratio(cEnd - fp, cStart), cohort_retention: retention,
+      churn_rate: churn, spend, cac, clv,
       first_purchase_maturing: this.cal.dayStart(last + 1) + this.fpMs > this.watermark,
-      revisit_rate_d1_3: ratio(v[F_REVISIT]!, fp), customers_start: cStart, customers_end: cEnd,
-      crr: ratio(cEnd - fp, cStart), cohort_retention: retention, churn_rate: churn,
       dormant_30: view.coverage(dim, C_DORM30, e), dormant_60: view.coverage(dim, C_DORM60, e),
-      spend, cac, clv,
       active_users_7d: g === CG_DAY ? view.coverage(dim, C_ACT7, w) : null,
       active_users_30d: g === CG_DAY ? view.coverage(dim, C_ACT30, w) : null,
     };
@@ -1179,8 +1211,8 @@ export class KpiOperator implements Operator {
         const revenue = a?.[K_REVENUE] ?? 0;
         cum += revenue;
         out.push({ c: cohort, row: {
-          grain, kind, cohort: label, channel, platform, size, age, active: a?.[K_ACTIVE] ?? 0,
-          purchasers: a?.[K_PURCHASERS] ?? 0, revenue, cum_revenue_per_user: cum / size,
+          grain, cohort: label, size, age, active: a?.[K_ACTIVE] ?? 0, purchasers: a?.[K_PURCHASERS] ?? 0, revenue,
+          kind, channel, platform, cum_revenue_per_user: cum / size,
         } });
       }
     }

@@ -5,7 +5,7 @@ import { tableFromIPC } from 'apache-arrow';
 import { parse } from 'csv-parse/sync';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { KPI_FIELDS } from '../../operators/kpi-rows.js';
+import { COHORT_FIELDS, KPI_FIELDS } from '../../operators/kpi-rows.js';
 import { streamArb } from '../oracle/streams.js';
 import { PROJECT_ROOT, tempDir } from '../helpers.js';
 
@@ -70,6 +70,7 @@ describe('KPI exports', () => {
   it('cohorts (both kinds) and funnel: identical in the three formats', () => {
     const c = exportAll('cohorts', ['--grain', 'month', '--kind', 'both']);
     expect(new Set(c.jsonl.map((r) => r['kind']))).toEqual(new Set(['first_activity', 'signup']));
+    expect(Object.keys(c.jsonl[0]!)).toEqual([...COHORT_FIELDS]); // SPEC §9's fields first
     sameAsJsonl(c.jsonl, c.csv, c.arrow);
     const f = exportAll('funnel', ['--grain', 'month']);
     expect(f.jsonl.length).toBeGreaterThan(0);

@@ -27,7 +27,8 @@ describe('KPI operator', () => {
     });
     await engine.ingest([
       { event_id: 'a', type: 'visit', user_id: 'u1', ts: MON + HOUR },
-      { event_id: 'b', type: 'visit', user_id: 'u2', ts: MON + 2 * DAY },
+      { event_id: 't', type: 'visit', user_id: 'u3', ts: MON + DAY },
+      { event_id: 'b', type: 'visit', user_id: 'u2', ts: MON + 2 * DAY + 12 * HOUR },
     ]);
     await engine.checkpoint();
     expect(updates).toEqual([]); // on-time events: no correction
@@ -38,6 +39,9 @@ describe('KPI operator', () => {
     expect(monday.every((u) => u.correction)).toBe(true);
     const byKpi = Object.fromEntries(monday.map((u) => [u.kpi, u.is_null ? null : u.value]));
     expect(byKpi).toMatchObject({ active_users: 2, purchasers: 1, revenue: 5000, pcr: 0.5, new_users: 2 });
+    // Tuesday's own cells did not change, but its customers_start did (u2 bought on Monday).
+    const tuesday = updates.filter((u) => u.grain === 'day' && u.window === '2024-03-05' && u.channel === '*' && u.platform === '*');
+    expect(Object.fromEntries(tuesday.map((u) => [u.kpi, u.value]))).toMatchObject({ active_users: 1, customers_start: 1, customers_end: 1 });
     // The week and month are still open: their change is not a correction.
     expect(updates.some((u) => u.grain === 'week')).toBe(false);
     expect(engine.stats()['kpiCorrections']).toBeGreaterThan(0);
