@@ -71,6 +71,18 @@ export const ConfigSchema = z.object({
      */
     retentionDays: z.number().int().min(31).max(36_600).default(400),
   }).prefault({}),
+  segments: z.object({
+    /** Segments maintained (default true). */
+    enabled: z.boolean().default(true),
+    /**
+     * Segment definitions (docs/SEGMENTS.md), validated when the engine starts. They override the
+     * built-ins of the same id (cart_abandoners, dormant_30, dormant_60, vip, new_no_purchase_3d,
+     * no_review_2d) and add to them. Default: the built-ins only.
+     */
+    definitions: z.array(z.unknown()).default([]),
+    /** Segment changes as jsonl (default `<dataDir>/segment-changes.jsonl`; null with no dataDir: outbox only). */
+    changesPath: z.string().nullable().default(null),
+  }).prefault({}),
   /** Rows per batch handed through the pipeline (default 4096). */
   batchRows: z.number().int().min(1).max(1 << 20).default(4096),
 }).superRefine((c, ctx) => {

@@ -16,6 +16,8 @@ import { ALIAS_PREFIX, IdentityResolver } from '../operators/identity.js';
 import { FilterNs, KeyFilter } from './key-filter.js';
 import { ANON_PREFIX, type Operator, type StateSlot, type UserRecord } from '../operators/operator.js';
 import { KpiOperator } from '../operators/kpi.js';
+import { parseSegments, withBuiltins } from '../operators/segment-rules.js';
+import { SegmentOperator } from '../operators/segments.js';
 import type { CohortGrain, CohortKind, CohortRow, FunnelRow, KpiGrain, KpiRow } from '../operators/kpi-rows.js';
 import { ProfileOperator, profileView, type ProfileState, type ProfileView } from '../operators/profile.js';
 import { openStore } from '../state/index.js';
@@ -98,6 +100,7 @@ export class Engine {
   /** Operators that adjust aggregates around identity merges (beforeMerge/afterMerge). */
   private readonly mergeAware: readonly Operator[];
   private readonly kpi: KpiOperator | null;
+  private readonly segments: SegmentOperator | null;
   /** The per-user state slots, in record order (operators without per-user state have none). */
   private readonly slots: readonly StateSlot<unknown>[];
   private readonly profiles: ProfileTable;
@@ -136,7 +139,12 @@ export class Engine {
     this.tickMs = opts.tickMs ?? 1000;
     const profileOp = new ProfileOperator();
     this.kpi = config.kpi.enabled ? new KpiOperator({ timeZone: config.time.timeZone, ...config.kpi }) : null;
-    this.operators = [profileOp, ...(this.kpi === null ? [] : [this.kpi]), ...(opts.operators ?? [])];
+    this.segments = config.segments.enabled
+      ? new SegmentOperator(withBuiltins(parseSegments({ segments: config.segments.definitions }, 'segments.definitions')), {
+        timeZone: config.time.timeZone, allowedLatenessMs: config.time.allowedLatenessMs,
+      })
+      : null;
+    this.operators = [profileOp, ...(this.kpi === null ? [] : [this.kpi]), ...(this.segments === null ? [] : [this.segments]), ...(opts.operators ?? [])];
     this.mergeAware = this.operators.filter((op) => op.beforeMerge !== undefined && op.afterMerge !== undefined);
     const slots: StateSlot<unknown>[] = [];
     for (const op of this.operators) {
@@ -162,6 +170,8 @@ export class Engine {
     };
     const dlPath = config.deadLetter.path ?? (config.dataDir === null ? null : path.join(config.dataDir, 'deadletter.jsonl'));
     if (dlPath !== null) this.outbox.addSink(new JsonlFileSink('deadletter', [Topic.deadLetter], dlPath, formatDeadLetter));
+    const segPath = config.segments.changesPath ?? (config.dataDir === null ? null : path.join(config.dataDir, 'segment-changes.jsonl'));
+    if (segPath !== null && this.segments !== null) this.outbox.addSink(new JsonlFileSink('segment-changes', [Topic.segmentChange], segPath, formatSegmentChange));
     for (const s of opts.sinks ?? []) this.outbox.addSink(s);
   }
 
@@ -394,20 +404,40 @@ export class Engine {
   private setWatermark(w: number): void {
     this.wm = w;
     this.ctx.watermark = w;
-    for (let t = this.timers.popDue(w, this.due); t !== undefined; t = this.timers.popDue(w, this.due)) {
-      const op = this.opByTimerKind.get(t.kind);
-      if (op === undefined) {
-        this.orphanTimers++;
-        continue;
-      }
-      const rec = this.profiles.load(this.identity.resolve(t.user));
-      try {
-        op.onTimer(rec, t.kind, t.ts, this.ctx);
-      } catch (err) {
-        throw new CrmError('OPERATOR_FAILED', `operator ${op.name} failed on timer ${t.kind}@${t.ts} for ${t.user}`, { cause: err });
-      }
-    }
+    for (let t = this.timers.popDue(w, this.due); t !== undefined; t = this.timers.popDue(w, this.due)) this.fire(t);
     this.dedupe.expire(w);
+  }
+
+  /**
+   * For a bounded step of advanceTo: the time up to which timers can fire before the dirty profiles
+   * pass `checkpoint.maxDirtyUsers` — the time of a due timer (all timers at that time fire in the
+   * step), or `upTo` when the bound is not reached.
+   */
+  private fireUntilBound(upTo: number): number {
+    const limit = this.config.checkpoint.maxDirtyUsers;
+    for (;;) {
+      const next = this.timers.nextDue();
+      if (next > upTo) return upTo;
+      // Fire the timers at `next` (and keep going while under the bound).
+      this.wm = Math.max(this.wm, next);
+      this.ctx.watermark = this.wm;
+      for (let t = this.timers.popDue(next, this.due); t !== undefined; t = this.timers.popDue(next, this.due)) this.fire(t);
+      if (this.profiles.dirtyCount >= limit && this.timers.nextDue() <= upTo) return next;
+    }
+  }
+
+  private fire(t: DueTimer): void {
+    const op = this.opByTimerKind.get(t.kind);
+    if (op === undefined) {
+      this.orphanTimers++;
+      return;
+    }
+    const rec = this.profiles.load(this.identity.resolve(t.user));
+    try {
+      op.onTimer(rec, t.kind, t.ts, this.ctx);
+    } catch (err) {
+      throw new CrmError('OPERATOR_FAILED', `operator ${op.name} failed on timer ${t.kind}@${t.ts} for ${t.user}`, { cause: err });
+    }
   }
 
   /** Folds the anonymous profile (if any) into the member's and deletes it. */
@@ -431,11 +461,25 @@ export class Engine {
     try {
       if (ts <= this.wm) return;
       await this.timers.preload(ts);
-      try {
-        this.setWatermark(ts);
-      } catch (err) {
-        this.failure = err;
-        throw err;
+      // A long jump (end of input, --as-of, an idle source) can make a timer of every user due. Fire
+      // them in steps that stop at a timer-time boundary once the dirty profiles reach their bound,
+      // with a checkpoint between steps: memory stays bounded, and each checkpoint's watermark has
+      // every timer at or before it fired. The state at the end does not depend on the steps.
+      for (;;) {
+        let stepTo = ts;
+        const next = this.timers.nextDue();
+        if (next <= ts && this.profiles.dirtyCount >= this.config.checkpoint.maxDirtyUsers) {
+          await this.checkpointNow();
+        }
+        try {
+          stepTo = this.fireUntilBound(ts);
+          this.setWatermark(stepTo);
+        } catch (err) {
+          this.failure = err;
+          throw err;
+        }
+        if (stepTo >= ts) break;
+        await this.checkpointNow();
       }
       if (this.checkpointDue()) await this.checkpointNow();
     } finally {
@@ -561,6 +605,49 @@ export class Engine {
     return this.kpiOperator().funnel(grain);
   }
 
+  /** Segment ids in definition order (built-ins first). */
+  segmentIds(): string[] {
+    return this.segmentOperator().ids;
+  }
+
+  /**
+   * Members of a segment: checkpoints (so the store holds every profile) and scans the profiles.
+   * O(users): for exports and tools, not per request.
+   *
+   * @example
+   * for await (const m of engine.segmentMembers('cart_abandoners')) console.log(m.user_id, new Date(m.since));
+   */
+  async *segmentMembers(id: string): AsyncGenerator<{ user_id: string; tier: string; since: number }> {
+    const op = this.segmentOperator();
+    if (!op.ids.includes(id)) throw new CrmError('CONFIG_INVALID', `no segment '${id}' (segments: ${op.ids.join(', ')})`);
+    for await (const m of this.segmentMemberships()) if (m.segment === id) yield { user_id: m.user_id, tier: m.tier, since: m.since };
+  }
+
+  /** Every (user, segment) membership in one scan of the profiles (after a checkpoint). */
+  async *segmentMemberships(): AsyncGenerator<{ user_id: string; segment: string; tier: string; since: number }> {
+    const op = this.segmentOperator();
+    await this.checkpoint();
+    for await (const entries of this.store.scan({ gte: USER_PREFIX, lt: 'u0' }, 1024)) {
+      for (const e of entries) {
+        const rec = this.profiles.decode(e.key.slice(USER_PREFIX.length), e.value);
+        for (const m of op.membershipOf(rec)) yield { user_id: rec.id, ...m };
+      }
+    }
+  }
+
+  /** A profile's current segments (by member or anonymous id); null if unknown. */
+  segmentsOf(id: string): { segment: string; tier: string; since: number }[] | null {
+    const op = this.segmentOperator();
+    const direct = this.profiles.peek(id);
+    const rec = direct ?? this.profiles.peek(this.identity.resolve(ANON_PREFIX + id));
+    return rec === undefined ? null : op.membershipOf(rec);
+  }
+
+  private segmentOperator(): SegmentOperator {
+    if (this.segments === null) throw new CrmError('SEGMENTS_DISABLED', 'segments are switched off in this engine (segments.enabled = false)');
+    return this.segments;
+  }
+
   private kpiOperator(): KpiOperator {
     if (this.kpi === null) throw new CrmError('KPI_DISABLED', 'KPIs are switched off in this engine (kpi.enabled = false)');
     return this.kpi;
@@ -574,7 +661,8 @@ export class Engine {
       timersFired: this.timers.fired, orphanTimers: this.orphanTimers, aliases: this.identity.aliasesCreated,
       identityConflicts: this.identity.conflicts, dedupeIds: this.dedupe.size, outboxAppended: this.outbox.appended,
       kpiUpdates: this.kpi?.updates ?? 0, kpiCorrections: this.kpi?.corrections ?? 0, kpiLiveCells: this.kpi?.liveCells ?? 0,
-      kpiCellsCompacted: this.kpi?.cellsCompacted ?? 0,
+      kpiCellsCompacted: this.kpi?.cellsCompacted ?? 0, segmentChanges: this.segments?.changes ?? 0,
+      segmentEvaluations: this.segments?.evaluations ?? 0,
     };
   }
 
@@ -625,6 +713,15 @@ function rowToEvent(b: EventColumns, i: number): crmstream.v1.IEvent {
     ts: Number.isFinite(ts) ? Math.trunc(ts) : 0, amount: Number.isFinite(b.amount[i]!) ? b.amount[i]! : 0,
     currency: b.currency[i]!, order_id: b.orderId[i]!, channel: b.channel[i]!, platform: b.platform[i]!,
     campaign_id: b.campaignId[i]!, variant: b.variant[i]!, trigger_id: b.triggerId[i]!, props: b.props[i] ?? {},
+  };
+}
+
+/** A segment change as a JSON line. */
+export function formatSegmentChange(r: OutboxRecord): Record<string, unknown> {
+  const c = crmstream.v1.SegmentChange.decode(r.payload);
+  return {
+    seq: r.seq, segment_id: c.segment_id, user_id: c.user_id, change: c.change, tier: c.tier, previous_tier: c.previous_tier,
+    ts: Number(c.event_ts), cause: c.cause,
   };
 }
 

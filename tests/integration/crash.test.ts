@@ -106,9 +106,9 @@ describe('SIGKILL during backfill', () => {
     const rng = new Rng(7);
     const positions = new Set<number>();
     let kills = 0;
-    // Bounded: at most 60 attempts; each kill lands 0–150 ms into processing, so 20 of them fit in one backfill.
+    // Bounded: at most 60 attempts; each kill lands 0–600 ms into processing (a batch and its checkpoint take 50–200 ms), so 20 of them fit in one backfill.
     for (let attempt = 0; attempt < 60 && kills < KILLS; attempt++) {
-      const killed = await runAndKill(args, /processing from row/, rng.int(150));
+      const killed = await runAndKill(args, /processing from row/, rng.int(600));
       if (!killed) break;
       kills++;
       positions.add(await storedPosition(crash));

@@ -18,6 +18,7 @@ export interface StreamEvent {
   amount?: number;
   channel: string;
   platform: string;
+  props?: Record<string, string>;
 }
 
 const TYPES = ['visit', 'page_view', 'sign_up', 'login', 'add_to_cart', 'purchase', 'refund', 'review', 'message_sent', 'message_opened', 'message_bounced', 'cost', 'wishlist'] as const;
@@ -35,6 +36,12 @@ const eventArb = (days: number) => fc.record({
   /** Arrival delay: 0 for most, up to 5 days for some (beyond the 3-day lateness: too_late). */
   delay: fc.oneof({ weight: 6, arbitrary: fc.constant(0) }, { weight: 3, arbitrary: fc.nat(2 * DAY) }, { weight: 1, arbitrary: fc.nat(5 * DAY) }),
   dup: fc.oneof({ weight: 12, arbitrary: fc.constant(false) }, { weight: 1, arbitrary: fc.constant(true) }),
+  /** Profile attributes some events carry (consent flags, birthdays) for segment rules. */
+  props: fc.oneof(
+    { weight: 8, arbitrary: fc.constant(null) },
+    { weight: 1, arbitrary: fc.constantFrom('true', 'false').map((v) => ({ consent_sms: v })) },
+    { weight: 1, arbitrary: fc.constantFrom('02-29', '03-15', '1990-03-01', '04-01', 'bad').map((v) => ({ birthday: v })) },
+  ),
 });
 
 export interface StreamCase {
@@ -72,6 +79,7 @@ export function streamArb(opts: { maxEvents?: number; zones?: readonly string[];
         event_id: `e${n}`, type: r.type, user_id: r.type === 'cost' ? '' : user_id, anonymous_id: r.type === 'cost' ? '' : anonymous_id,
         ts, channel: r.channel, platform: r.platform,
       };
+      if (r.props !== null && r.type !== 'cost') e.props = r.props;
       if (r.type === 'purchase' || r.type === 'refund' || r.type === 'cost') e.amount = r.type === 'refund' ? Math.ceil(r.amount / 3) : r.amount;
       list.push({ e, arrival: ts + r.delay, n });
       if (r.dup) list.push({ e: { ...e }, arrival: ts + r.delay + 3_600_000, n });
