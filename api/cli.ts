@@ -12,6 +12,7 @@ import { parseTimestamp } from '../engine/codec.js';
 import { parseMap } from '../engine/sources/csv.js';
 import { SortedInput, type BackfillPosition, type InputFormat } from '../engine/sources/files.js';
 import { runDemo } from './demo.js';
+import { parse as parseYaml } from 'yaml';
 import { EXPORT_FORMATS, writeRows, type ExportFormat } from './export.js';
 import { COHORT_FIELDS, KPI_FIELDS } from '../operators/kpi-rows.js';
 
@@ -29,12 +30,27 @@ function readJsonFile(file: string, what: string): unknown {
   }
 }
 
-function loadConfig(file: string | undefined, dataDir: string | undefined, tz: string | undefined): ConfigInput {
+function loadConfig(file: string | undefined, dataDir: string | undefined, tz: string | undefined, segments?: string): ConfigInput {
   const base = (file === undefined ? {} : readJsonFile(file, 'config file')) as ConfigInput & { time?: Record<string, unknown> };
   const cfg: ConfigInput = { ...base };
   if (dataDir !== undefined) cfg.dataDir = dataDir;
   if (tz !== undefined) cfg.time = { ...(base.time ?? {}), timeZone: tz };
+  if (segments !== undefined) cfg.segments = { ...(base.segments ?? {}), definitions: readSegmentFile(segments) };
   return cfg;
+}
+
+/** A segment rule file (docs/SEGMENTS.md): JSON, or YAML for .yaml/.yml; `{segments: [...]}` or the bare list. */
+function readSegmentFile(file: string): unknown[] {
+  let doc: unknown;
+  try {
+    const text = readFileSync(file, 'utf8');
+    doc = /\.ya?ml$/i.test(file) ? parseYaml(text) : JSON.parse(text);
+  } catch (err) {
+    throw new CrmError('CONFIG_INVALID', `segment file ${file}: ${(err as Error).message}`, { cause: err });
+  }
+  const list = Array.isArray(doc) ? doc : (doc as { segments?: unknown } | null)?.segments;
+  if (!Array.isArray(list)) throw new CrmError('CONFIG_INVALID', `segment file ${file}: expected {"segments": [...]} (docs/SEGMENTS.md)`);
+  return list;
 }
 
 function isoTime(value: string): number {
@@ -44,9 +60,9 @@ function isoTime(value: string): number {
 }
 
 async function backfill(opts: {
-  dataDir: string; input: string[]; format?: InputFormat; map?: string; tz?: string; config?: string; asOf?: number; progress: boolean;
+  dataDir: string; input: string[]; format?: InputFormat; map?: string; tz?: string; config?: string; asOf?: number; progress: boolean; segments?: string;
 }): Promise<void> {
-  const config = loadConfig(opts.config, opts.dataDir, opts.tz);
+  const config = loadConfig(opts.config, opts.dataDir, opts.tz, opts.segments);
   const started = performance.now();
   const engine = await Engine.create(config);
   const tz = engine.config.time.timeZone;
@@ -145,6 +161,15 @@ async function exportCohorts(o: ExportOpts): Promise<void> {
   await writeRows(rows, COHORT_COLUMNS, o.format, o.out);
 }
 
+async function exportSegment(o: ExportOpts & { id: string }): Promise<void> {
+  const rows = await withStoredEngine(o, async (e) => {
+    const out: { user_id: string; since: string; tier: string }[] = [];
+    for await (const m of e.segmentMembers(o.id)) out.push({ user_id: m.user_id, since: new Date(m.since).toISOString(), tier: m.tier });
+    return out;
+  });
+  await writeRows(rows, ['user_id', 'since', 'tier'], o.format, o.out);
+}
+
 async function exportFunnel(o: ExportOpts): Promise<void> {
   const rows = await withStoredEngine(o, (e) => e.funnel(o.grain as 'day' | 'week' | 'month'));
   await writeRows(rows, FUNNEL_COLUMNS, o.format, o.out);
@@ -178,6 +203,7 @@ export function buildCli(): Command {
     .option('--tz <zone>', 'time zone for zone-less timestamps and calendar windows (default Asia/Seoul)')
     .option('--config <file>', 'engine configuration (JSON)')
     .option('--as-of <iso-time>', 'advance the watermark to this time at the end, firing every timer up to it', isoTime)
+    .option('--segments <file>', 'segment rules (JSON or YAML, docs/SEGMENTS.md); the built-ins apply without it')
     .option('--no-progress', 'no progress bar even on a terminal')
     .action(async (o) => backfill(o));
 
@@ -207,6 +233,14 @@ export function buildCli(): Command {
     .option('--out <file>', 'output file (default: stdout)')
     .option('--config <file>', 'engine configuration (JSON)')
     .action(async (o) => exportCohorts(o));
+  exp.command('segment')
+    .description('the members of a segment, one a line: {"user_id", "since", "tier"}')
+    .requiredOption('--data-dir <dir>', 'state directory')
+    .requiredOption('--id <segment>', 'segment id')
+    .addOption(formatOpt())
+    .option('--out <file>', 'output file (default: stdout)')
+    .option('--config <file>', 'engine configuration (JSON)')
+    .action(async (o) => exportSegment(o));
   exp.command('funnel')
     .description('journey funnel per sign-up cohort: visit → sign_up → first purchase → revisit D+1..3 → repeat purchase')
     .requiredOption('--data-dir <dir>', 'state directory')

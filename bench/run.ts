@@ -15,6 +15,7 @@ import { pathToFileURL } from 'node:url';
 import { decodeScenario, runDecodeMicroSuite } from './decode.bench.js';
 import { engineCoreScenario, engineLevelScenario } from './engine.bench.js';
 import { restartScenario } from './restart.bench.js';
+import { segmentsCoreScenario, segmentTimersScenario } from './segments.bench.js';
 import { kpiOffScenario, kpiTableDuckScenario, kpiTableEngineScenario, lateEventsScenario } from './kpi.bench.js';
 import { markdownTable, runScenarios, writeResults, type BenchResult, type Scenario } from './harness.js';
 
@@ -27,6 +28,8 @@ export const SCENARIOS: readonly Scenario[] = [
   lateEventsScenario as Scenario,
   kpiTableEngineScenario as Scenario,
   kpiTableDuckScenario as Scenario,
+  segmentsCoreScenario as Scenario,
+  segmentTimersScenario as Scenario,
   restartScenario as Scenario,
 ];
 

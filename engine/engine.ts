@@ -17,7 +17,7 @@ import { FilterNs, KeyFilter } from './key-filter.js';
 import { ANON_PREFIX, type Operator, type StateSlot, type UserRecord } from '../operators/operator.js';
 import { KpiOperator } from '../operators/kpi.js';
 import { parseSegments, withBuiltins } from '../operators/segment-rules.js';
-import { SegmentOperator } from '../operators/segments.js';
+import { SegmentOperator, type SegmentSizeRow } from '../operators/segments.js';
 import type { CohortGrain, CohortKind, CohortRow, FunnelRow, KpiGrain, KpiRow } from '../operators/kpi-rows.js';
 import { ProfileOperator, profileView, type ProfileState, type ProfileView } from '../operators/profile.js';
 import { openStore } from '../state/index.js';
@@ -61,8 +61,8 @@ export interface EngineOptions {
   /** Watermark granularity in ms (default 1000; 1 = advance on every new max event time). */
   readonly tickMs?: number;
   /**
-   * Use the time zone the stored state was built with instead of the configured one (exports and
-   * queries of an existing data dir). Without it a different zone is CONFIG_INVALID: windows
+   * Use the time zone and segment definitions the stored state was built with instead of the
+   * configured ones (exports and queries of an existing data dir). Without it a different zone is CONFIG_INVALID: windows
    * already cut in one zone cannot be continued in another.
    */
   readonly adoptStoredTimeZone?: boolean;
@@ -86,6 +86,8 @@ interface Meta {
   accepted: number;
   /** Zone the calendar windows were cut in (absent in stores written before KPIs existed). */
   timeZone?: string;
+  /** The configured segment definitions (before built-ins are added) the state was written with. */
+  segments?: unknown[];
 }
 
 const utf8 = new TextEncoder();
@@ -188,8 +190,14 @@ export class Engine {
     const store = opts.store ?? openStore(config.state.backend, config.dataDir === null ? null : path.join(config.dataDir, 'state'));
     await store.open();
     if (opts.adoptStoredTimeZone === true) {
-      const stored = (await readMeta(store))?.timeZone;
-      if (stored !== undefined && stored !== config.time.timeZone) config = resolveConfig({ ...input, time: { ...input.time, timeZone: stored } });
+      // Read-side tools (exports) open a data dir as it was written: its zone and its segment
+      // rules (the per-user segment state is laid out by the rules).
+      const meta = await readMeta(store);
+      const zone = meta?.timeZone ?? config.time.timeZone;
+      const defs = meta?.segments ?? config.segments.definitions;
+      if (zone !== config.time.timeZone || meta?.segments !== undefined) {
+        config = resolveConfig({ ...input, time: { ...input.time, timeZone: zone }, segments: { ...input.segments, definitions: defs } });
+      }
     }
     const engine = new Engine(config, store, opts);
     try {
@@ -415,14 +423,18 @@ export class Engine {
    */
   private fireUntilBound(upTo: number): number {
     const limit = this.config.checkpoint.maxDirtyUsers;
+    // Handlers see the target watermark, as in one unbounded step; only the checkpoint between
+    // steps records the intermediate one.
+    this.ctx.watermark = upTo;
     for (;;) {
       const next = this.timers.nextDue();
       if (next > upTo) return upTo;
-      // Fire the timers at `next` (and keep going while under the bound).
-      this.wm = Math.max(this.wm, next);
-      this.ctx.watermark = this.wm;
       for (let t = this.timers.popDue(next, this.due); t !== undefined; t = this.timers.popDue(next, this.due)) this.fire(t);
-      if (this.profiles.dirtyCount >= limit && this.timers.nextDue() <= upTo) return next;
+      if (this.profiles.dirtyCount >= limit && this.timers.nextDue() <= upTo) {
+        this.wm = Math.max(this.wm, next);
+        this.ctx.watermark = this.wm;
+        return next;
+      }
     }
   }
 
@@ -541,7 +553,7 @@ export class Engine {
       version: META_VERSION, epoch, watermark: Number.isFinite(this.wm) ? this.wm : null,
       maxTs: Number.isFinite(this.maxTs) ? this.maxTs : null, position: this.positionValue, rejects,
       nextSeq: this.outbox.next, customTypes: this.types.customNames(), dedupeOldestDay: this.dedupe.oldest,
-      accepted: this.acceptedTotal, timeZone: this.config.time.timeZone,
+      accepted: this.acceptedTotal, timeZone: this.config.time.timeZone, segments: [...this.config.segments.definitions],
     };
     ops.push({ type: 'put', key: META_KEY, value: utf8.encode(JSON.stringify(meta)) });
     try {
@@ -633,6 +645,14 @@ export class Engine {
         for (const m of op.membershipOf(rec)) yield { user_id: rec.id, ...m };
       }
     }
+  }
+
+  /**
+   * Segment sizes per window: members at the window's end (at the watermark for the current one),
+   * with entries and exits in it; per tier and for all tiers ('*').
+   */
+  async segmentSizes(grain: KpiGrain): Promise<SegmentSizeRow[]> {
+    return this.segmentOperator().sizeRows(grain, this.wm);
   }
 
   /** A profile's current segments (by member or anonymous id); null if unknown. */

@@ -380,6 +380,7 @@ export class SegmentOperator implements Operator {
   private readonly keepMs: number[];
   private readonly propAttrs: readonly [string, number][];
   private readonly allSegments: readonly number[];
+  private readonly sizes: SizeLog;
   /** Membership changes since start (metrics). */
   changes = 0;
   evaluations = 0;
@@ -391,13 +392,17 @@ export class SegmentOperator implements Operator {
     this.typeIndexByName = new Map([...p.types].map(([name, v]) => [name, v.index]));
     this.platformAttr = p.attrs.get('platform') ?? -1;
     this.allSegments = p.segments.map((_, s) => s);
+    this.sizes = new SizeLog(new Calendar(opts.timeZone));
+    this.sizes.bind(p.segments);
     this.keepMs = [];
     for (const v of p.types.values()) this.keepMs[v.index] = v.keepMs;
     this.propAttrs = [...p.attrs].filter(([n]) => n.startsWith('prop:')).map(([n, i]) => [n.slice(5), i]);
     this.slot = makeSlot(p.types.size, p.attrs.size, p.segments.length);
   }
 
-  async open(_store: KvStore, _ctx: OperatorContext): Promise<void> {}
+  async open(store: KvStore, _ctx: OperatorContext): Promise<void> {
+    await this.sizes.open(store, this.program.segments);
+  }
 
   private affected(type: string, activity: boolean): number[] {
     const key = (activity ? '1' : '0') + type;
@@ -515,6 +520,7 @@ export class SegmentOperator implements Operator {
         u.member[s] = tier + 1;
         if (kind !== 2) u.since[s] = tier < 0 ? Number.NaN : t;
         this.changes++;
+        this.sizes.change(s, before, tier, t);
         ctx.emit(Topic.segmentChange, crmstream.v1.SegmentChange.encode({
           user_id: rec.id, segment_id: sg.id, change: CHANGE_KIND[kind], enter: kind === 0, event_ts: Number.isFinite(t) ? t : 0, cause,
           tier: tier < 0 ? (before < 0 ? '' : sg.tiers[before]!) : sg.tiers[tier]!,
@@ -558,6 +564,7 @@ export class SegmentOperator implements Operator {
         user_id: from.id, segment_id: sg.id, change: 'exit', enter: false, event_ts: Number.isFinite(ctx.watermark) ? ctx.watermark : 0, cause: 'merge',
         tier: sg.tiers[u.member[s]! - 1]!, previous_tier: sg.tiers[u.member[s]! - 1]!,
       }).finish());
+      this.sizes.change(s, u.member[s]! - 1, -1, ctx.watermark);
       u.member[s] = 0;
       u.since[s] = Number.NaN;
       this.changes++;
@@ -566,8 +573,16 @@ export class SegmentOperator implements Operator {
     u.timerTs = Number.NaN;
   }
 
-  snapshot(_ops: WriteOp[]): void {}
+  snapshot(ops: WriteOp[]): void {
+    this.sizes.snapshot(ops);
+  }
+
   async close(): Promise<void> {}
+
+  /** Segment sizes per window (SPEC §5: segment sizes are KPIs per window). */
+  sizeRows(grain: 'day' | 'week' | 'month', watermark: number): SegmentSizeRow[] {
+    return this.sizes.rows(grain, watermark, this.program.segments);
+  }
 
   /** Segment ids in definition order. */
   get ids(): string[] {
@@ -685,4 +700,132 @@ function makeSlot(nTypes: number, nAttrs: number, nSegs: number): StateSlot<SegU
       if (!Number.isNaN(from.firstTs) && !(into.firstTs <= from.firstTs)) into.firstTs = from.firstTs;
     },
   };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Segment sizes
+
+export interface SegmentSizeRow {
+  grain: 'day' | 'week' | 'month';
+  window: string;
+  segment: string;
+  /** '*' = all tiers (and the only row of an untiered segment). */
+  tier: string;
+  /** Members at the end of the window (at the watermark for the window it is in). */
+  size: number;
+  entered: number;
+  exited: number;
+}
+
+const SIZE_PREFIX = 'g/';
+
+/**
+ * Entries and exits per (segment, tier, local day): sizes at any day end are running sums. Keyed
+ * by segment id and tier name (not index), so a changed rule file keeps the history of the others.
+ * Grows by one small entry per segment, tier and day with changes.
+ */
+class SizeLog {
+  private readonly cal: Calendar;
+  /** 'segment|tier|day' → [entered, exited]. */
+  private readonly cells = new Map<string, [number, number]>();
+  private readonly dirty = new Set<string>();
+
+  constructor(cal: Calendar) {
+    this.cal = cal;
+  }
+
+  async open(store: KvStore, _segments: readonly CompiledSegment[]): Promise<void> {
+    for await (const entries of store.scan({ gte: SIZE_PREFIX, lt: 'g0' }, 1024)) {
+      for (const e of entries) {
+        const [a, b] = new TextDecoder().decode(e.value).split(',');
+        this.cells.set(e.key.slice(SIZE_PREFIX.length), [Number(a), Number(b)]);
+      }
+    }
+  }
+
+  private bump(seg: string, tier: string, day: number, enter: number, exit: number): void {
+    const key = `${seg}|${tier}|${day}`;
+    let c = this.cells.get(key);
+    if (c === undefined) this.cells.set(key, (c = [0, 0]));
+    c[0] += enter;
+    c[1] += exit;
+    this.dirty.add(key);
+  }
+
+  /** Segment `s` went from tier `from` to tier `to` (−1 = out) at instant t. Settled into cells lazily. */
+  change(s: number, from: number, to: number, t: number): void {
+    const day = Number.isFinite(t) ? this.cal.dayOf(t) : 0;
+    this.pending.push([s, from, to, day]);
+  }
+
+  private pending: [number, number, number, number][] = [];
+  private segments: readonly CompiledSegment[] = [];
+
+  bind(segments: readonly CompiledSegment[]): void {
+    this.segments = segments;
+  }
+
+  private settle(): void {
+    for (const [s, from, to, day] of this.pending) {
+      const sg = this.segments[s]!;
+      const tiered = sg.tiers.length > 1 || sg.tiers[0] !== '';
+      if (from < 0) this.bump(sg.id, '*', day, 1, 0);
+      if (to < 0) this.bump(sg.id, '*', day, 0, 1);
+      if (tiered) {
+        if (from >= 0) this.bump(sg.id, sg.tiers[from]!, day, 0, 1);
+        if (to >= 0) this.bump(sg.id, sg.tiers[to]!, day, 1, 0);
+      }
+    }
+    this.pending = [];
+  }
+
+  snapshot(ops: WriteOp[]): void {
+    this.settle();
+    const enc = new TextEncoder();
+    for (const key of this.dirty) {
+      const c = this.cells.get(key)!;
+      ops.push({ type: 'put', key: SIZE_PREFIX + key, value: enc.encode(`${c[0]},${c[1]}`) });
+    }
+    this.dirty.clear();
+  }
+
+  rows(grain: 'day' | 'week' | 'month', watermark: number, segments: readonly CompiledSegment[]): SegmentSizeRow[] {
+    this.segments = segments;
+    this.settle();
+    const cal = this.cal;
+    const win = (day: number): number => (grain === 'day' ? day : grain === 'week' ? Math.floor((day + 3) / 7) : cal.monthOfDay(day));
+    const label = (w: number): string => (grain === 'day' ? cal.dayLabel(w) : grain === 'week' ? cal.weekLabel(w) : cal.monthLabel(w));
+    // Per (segment, tier): the days with changes, in order; size = running sum.
+    const series = new Map<string, { day: number; e: number; x: number }[]>();
+    for (const [key, [e, x]] of this.cells) {
+      const cut = key.lastIndexOf('|');
+      const st = key.slice(0, cut);
+      let list = series.get(st);
+      if (list === undefined) series.set(st, (list = []));
+      list.push({ day: Number(key.slice(cut + 1)), e, x });
+    }
+    const out: SegmentSizeRow[] = [];
+    const wmDay = Number.isFinite(watermark) ? cal.dayOf(watermark) : Number.NEGATIVE_INFINITY;
+    for (const [st, list] of series) {
+      const [segment, tier] = st.split('|') as [string, string];
+      list.sort((a, b) => a.day - b.day);
+      let size = 0;
+      let i = 0;
+      // Every window from the first change to the watermark's window, so sizes carry across quiet ones.
+      if (list.length === 0 || !Number.isFinite(wmDay)) continue;
+      for (let w = win(list[0]!.day); w <= win(Math.max(wmDay, list[list.length - 1]!.day)); w++) {
+        let entered = 0;
+        let exited = 0;
+        while (i < list.length && win(list[i]!.day) === w) {
+          entered += list[i]!.e;
+          exited += list[i]!.x;
+          i++;
+        }
+        size += entered - exited;
+        out.push({ grain, window: label(w), segment, tier, size, entered, exited });
+      }
+    }
+    const order = new Map(segments.map((s, k) => [s.id, k]));
+    return out.sort((a, b) => (order.get(a.segment) ?? 1e9) - (order.get(b.segment) ?? 1e9) || (a.tier < b.tier ? -1 : a.tier > b.tier ? 1 : 0) || (a.window < b.window ? -1 : a.window > b.window ? 1 : 0));
+  }
 }

@@ -86,6 +86,12 @@ describe('segment membership equals the DuckDB oracle', () => {
           const mine = await engineMembership(engine);
           expect(diff(mine, await oracle.members(defs, engine.watermark, c.timeZone), 'after 40 idle days')).toEqual([]);
           expect(diff(replay, mine, 'replayed')).toEqual([]);
+          // Segment sizes (a KPI per window): the watermark's day row is the member count.
+          const sizes = await engine.segmentSizes('day');
+          for (const [id, m] of mine) {
+            const rows = sizes.filter((r) => r.segment === id && r.tier === '*');
+            expect(rows.length === 0 ? 0 : rows[rows.length - 1]!.size, `size of ${id}`).toBe(m.size);
+          }
         } finally {
           await engine.close();
         }
