@@ -92,7 +92,7 @@ export const engineCoreScenario: Scenario<EngineBenchState> = {
   name: 'engine core (memory)',
   setup: (ctx) => setup(ctx.quick),
   run: (s) => runEngine(s, null),
-  notes: (s) => `${s.events.toLocaleString('en-US')} events, ${s.profiles.toLocaleString('en-US')} profiles (generator: ${s.users.toLocaleString('en-US')} users); identity + profile state + validation + dedupe + all KPIs (docs/KPIS.md); segment/campaign operators not yet in`,
+  notes: (s) => `${s.events.toLocaleString('en-US')} events, ${s.profiles.toLocaleString('en-US')} profiles (generator: ${s.users.toLocaleString('en-US')} users); identity + profile state + validation + dedupe + all KPIs (docs/KPIS.md) + the 6 built-in segments; campaigns not yet in`,
 };
 
 export const engineLevelScenario: Scenario<EngineBenchState & { dir: string }> = {

@@ -1,8 +1,8 @@
 /**
  * KPI scenarios (issue 4), on the benchmark traffic of decode.bench.ts (same generator and seed):
  *
- * - `engine core, KPIs off`: the engine core scenario with `kpi.enabled = false` — what the KPI
- *   operator costs is the difference to `engine core (memory)`.
+ * - `engine core, KPIs and segments off`: the engine core scenario with both operators switched
+ *   off — what they cost is the difference to `engine core (memory)`.
  * - `late events (KPI corrections)`: the engine is filled with the stream (untimed), then 50 k
  *   events 1 h – 70 h behind the watermark (inside the 3-day lateness) for users of the stream —
  *   every one re-derives the user's contribution and corrects closed windows. Timed: the late part
@@ -50,19 +50,19 @@ interface CoreState {
 }
 
 export const kpiOffScenario: Scenario<CoreState> = {
-  name: 'engine core, KPIs off (reference)',
+  name: 'engine core, KPIs and segments off (reference)',
   async setup(ctx) {
     const n = engineItems(ctx.quick);
     return { batches: buildBatches(n), events: n };
   },
   async run(s) {
     resetStatus(s.batches);
-    const engine = await Engine.create({ ...memoryConfig, kpi: { enabled: false } });
+    const engine = await Engine.create({ ...memoryConfig, kpi: { enabled: false }, segments: { enabled: false } });
     for (const b of s.batches) await engine.ingestColumns(b);
     consume(engine.acceptedCount);
     return s.events;
   },
-  notes: (s) => `${s.events.toLocaleString('en-US')} events; identity + profile state + validation + dedupe, no KPI operator`,
+  notes: (s) => `${s.events.toLocaleString('en-US')} events; identity + profile state + validation + dedupe; no KPI or segment operator`,
 };
 
 // ---------------------------------------------------------------------------------------------
