@@ -13,7 +13,7 @@ import { parseMap } from '../engine/sources/csv.js';
 import { SortedInput, type BackfillPosition, type InputFormat } from '../engine/sources/files.js';
 import { runDemo } from './demo.js';
 import { parse as parseYaml } from 'yaml';
-import { EXPORT_FORMATS, writeRows, type ExportFormat } from './export.js';
+import { EXPORT_FORMATS, csvCell, writeRows, type ExportFormat } from './export.js';
 import { COHORT_FIELDS, KPI_FIELDS } from '../operators/kpi-rows.js';
 
 /**
@@ -173,12 +173,6 @@ async function exportSegment(o: ExportOpts & { id: string }): Promise<void> {
 async function exportFunnel(o: ExportOpts): Promise<void> {
   const rows = await withStoredEngine(o, (e) => e.funnel(o.grain as 'day' | 'week' | 'month'));
   await writeRows(rows, FUNNEL_COLUMNS, o.format, o.out);
-}
-
-function csvCell(v: unknown): string {
-  if (v === null || v === undefined) return '';
-  const s = String(v);
-  return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
 }
 
 function intArg(v: string): number {

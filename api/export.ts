@@ -10,7 +10,8 @@ import { Bool, Dictionary, Float64, Int32, Table, Utf8, tableToIPC, vectorFromAr
 export type ExportFormat = 'jsonl' | 'csv' | 'arrow';
 export const EXPORT_FORMATS: readonly ExportFormat[] = ['jsonl', 'csv', 'arrow'];
 
-function csvCell(v: unknown): string {
+/** One CSV cell (RFC 4180 quoting; null and undefined are empty). */
+export function csvCell(v: unknown): string {
   if (v === null || v === undefined) return '';
   const s = String(v);
   return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;

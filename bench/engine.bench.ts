@@ -38,7 +38,8 @@ export function engineItems(quick: boolean): number {
   return quick ? 300_000 : 5_000_000;
 }
 
-function buildBatches(n: number): { batches: EventColumns[]; users: number } {
+/** The benchmark traffic as decoded batches, as a source hands them over (shared by the engine scenarios). */
+export function buildBatches(n: number): { batches: EventColumns[]; users: number } {
   const gen = new TrafficGenerator(benchTraffic());
   const batches: EventColumns[] = [];
   for (let at = 0; at < n; at += BATCH) {
@@ -53,7 +54,7 @@ function buildBatches(n: number): { batches: EventColumns[]; users: number } {
 }
 
 /** Rows rejected (duplicate, too_late) by a previous run are fresh again: every run does the same work. */
-function resetStatus(batches: readonly EventColumns[]): void {
+export function resetStatus(batches: readonly EventColumns[]): void {
   for (const b of batches) b.status.fill(0);
 }
 

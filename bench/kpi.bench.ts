@@ -14,31 +14,12 @@
  */
 import { EventColumns } from '../engine/batch.js';
 import { Engine } from '../engine/engine.js';
-import { TrafficGenerator, encodeProto } from '../engine/sources/generator.js';
-import { appendProtoEvent } from '../engine/codec.js';
 import { KpiOracle, type OracleEvent } from '../tests/oracle/kpi-oracle.js';
-import { benchTraffic } from './decode.bench.js';
-import { engineItems } from './engine.bench.js';
+import { buildBatches, engineItems, resetStatus } from './engine.bench.js';
 import { consume, type Scenario, type TimedItems } from './harness.js';
 
 const BATCH = 4096;
 const HOUR = 3_600_000;
-
-function buildBatches(n: number): EventColumns[] {
-  const gen = new TrafficGenerator(benchTraffic());
-  const batches: EventColumns[] = [];
-  for (let at = 0; at < n; at += BATCH) {
-    const m = Math.min(BATCH, n - at);
-    const b = new EventColumns(m);
-    for (let i = 0; i < m; i++) appendProtoEvent(b, encodeProto(gen.nextEvent()), 'bench');
-    batches.push(b);
-  }
-  return batches;
-}
-
-function resetStatus(batches: readonly EventColumns[]): void {
-  for (const b of batches) b.status.fill(0);
-}
 
 const memoryConfig = { checkpoint: { intervalMs: 1e9, maxDirtyUsers: 10_000_000 } };
 
@@ -53,7 +34,7 @@ export const kpiOffScenario: Scenario<CoreState> = {
   name: 'engine core, KPIs and segments off (reference)',
   async setup(ctx) {
     const n = engineItems(ctx.quick);
-    return { batches: buildBatches(n), events: n };
+    return { batches: buildBatches(n).batches, events: n };
   },
   async run(s) {
     resetStatus(s.batches);
@@ -102,7 +83,7 @@ export const lateEventsScenario: Scenario<LateState> = {
   name: 'late events (KPI corrections)',
   async setup(ctx) {
     const n = ctx.quick ? 300_000 : 2_000_000;
-    const base = buildBatches(n);
+    const base = buildBatches(n).batches;
     const late = lateBatches(base, 50_000);
     return { base, late, baseEvents: n, lateEvents: 50_000, onTimeNsPerEvent: 0, corrections: 0 };
   },
@@ -133,7 +114,7 @@ interface TableState {
 }
 
 async function tableSetup(quick: boolean): Promise<TableState> {
-  const batches = buildBatches(quick ? 200_000 : 1_000_000);
+  const batches = buildBatches(quick ? 200_000 : 1_000_000).batches;
   // The accepted events, as the engine decides (duplicates and too-late ones out), for DuckDB.
   const engine = await Engine.create(memoryConfig);
   const accepted: OracleEvent[] = [];

@@ -9,17 +9,13 @@
  *   no events: every cart abandonment, dormancy and window exit fires from the durable timer index.
  *   Timed: the advance only; items = timers fired.
  */
-import { EventColumns } from '../engine/batch.js';
+import type { EventColumns } from '../engine/batch.js';
 import { Engine } from '../engine/engine.js';
-import { TrafficGenerator, encodeProto } from '../engine/sources/generator.js';
-import { appendProtoEvent } from '../engine/codec.js';
 import type { SegmentDef } from '../operators/segment-rules.js';
 import { seg } from '../operators/segment-rules.js';
-import { benchTraffic } from './decode.bench.js';
-import { engineItems } from './engine.bench.js';
+import { buildBatches, engineItems, resetStatus } from './engine.bench.js';
 import { consume, type Scenario, type TimedItems } from './harness.js';
 
-const BATCH = 4096;
 const DAY = 86_400_000;
 
 /** 44 rules from templates, with windows and thresholds varied so none is a copy of another. */
@@ -42,22 +38,6 @@ export function benchSegments(): SegmentDef[] {
   return out;
 }
 
-function buildBatches(n: number): EventColumns[] {
-  const gen = new TrafficGenerator(benchTraffic());
-  const batches: EventColumns[] = [];
-  for (let at = 0; at < n; at += BATCH) {
-    const m = Math.min(BATCH, n - at);
-    const b = new EventColumns(m);
-    for (let i = 0; i < m; i++) appendProtoEvent(b, encodeProto(gen.nextEvent()), 'bench');
-    batches.push(b);
-  }
-  return batches;
-}
-
-function resetStatus(batches: readonly EventColumns[]): void {
-  for (const b of batches) b.status.fill(0);
-}
-
 interface SegState {
   batches: EventColumns[];
   events: number;
@@ -70,7 +50,7 @@ const config = () => ({ checkpoint: { intervalMs: 1e9, maxDirtyUsers: 10_000_000
 
 async function setup(quick: boolean): Promise<SegState> {
   const n = engineItems(quick);
-  return { batches: buildBatches(n), events: n, changes: 0, timers: 0, evaluations: 0 };
+  return { batches: buildBatches(n).batches, events: n, changes: 0, timers: 0, evaluations: 0 };
 }
 
 export const segmentsCoreScenario: Scenario<SegState> = {

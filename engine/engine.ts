@@ -578,11 +578,13 @@ export class Engine {
 
   /** A profile by member id or anonymous id, or null. Reads through the cache, never marks dirty. */
   profile(id: string): ProfileView | null {
-    const direct = this.profiles.peek(id);
-    const canon = direct !== undefined ? id : this.identity.resolve(ANON_PREFIX + id);
-    const rec = direct ?? this.profiles.peek(canon);
-    if (rec === undefined) return null;
-    return profileView(canon, rec.slots[this.profileSlotIndex] as ProfileState);
+    const rec = this.peekProfile(id);
+    return rec === undefined ? null : profileView(rec.id, rec.slots[this.profileSlotIndex] as ProfileState);
+  }
+
+  /** The profile of a member id, or of the member (or anonymous profile) an anonymous id resolves to; never marks dirty. */
+  private peekProfile(id: string): UserRecord | undefined {
+    return this.profiles.peek(id) ?? this.profiles.peek(this.identity.resolve(ANON_PREFIX + id));
   }
 
   /** Every stored profile in id order (after a checkpoint; for exports and tests). */
@@ -658,8 +660,7 @@ export class Engine {
   /** A profile's current segments (by member or anonymous id); null if unknown. */
   segmentsOf(id: string): { segment: string; tier: string; since: number }[] | null {
     const op = this.segmentOperator();
-    const direct = this.profiles.peek(id);
-    const rec = direct ?? this.profiles.peek(this.identity.resolve(ANON_PREFIX + id));
+    const rec = this.peekProfile(id);
     return rec === undefined ? null : op.membershipOf(rec);
   }
 

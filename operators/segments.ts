@@ -392,8 +392,7 @@ export class SegmentOperator implements Operator {
     this.typeIndexByName = new Map([...p.types].map(([name, v]) => [name, v.index]));
     this.platformAttr = p.attrs.get('platform') ?? -1;
     this.allSegments = p.segments.map((_, s) => s);
-    this.sizes = new SizeLog(new Calendar(opts.timeZone));
-    this.sizes.bind(p.segments);
+    this.sizes = new SizeLog(new Calendar(opts.timeZone), p.segments);
     this.keepMs = [];
     for (const v of p.types.values()) this.keepMs[v.index] = v.keepMs;
     this.propAttrs = [...p.attrs].filter(([n]) => n.startsWith('prop:')).map(([n, i]) => [n.slice(5), i]);
@@ -401,7 +400,7 @@ export class SegmentOperator implements Operator {
   }
 
   async open(store: KvStore, _ctx: OperatorContext): Promise<void> {
-    await this.sizes.open(store, this.program.segments);
+    await this.sizes.open(store);
   }
 
   private affected(type: string, activity: boolean): number[] {
@@ -581,7 +580,7 @@ export class SegmentOperator implements Operator {
 
   /** Segment sizes per window (SPEC §5: segment sizes are KPIs per window). */
   sizeRows(grain: 'day' | 'week' | 'month', watermark: number): SegmentSizeRow[] {
-    return this.sizes.rows(grain, watermark, this.program.segments);
+    return this.sizes.rows(grain, watermark);
   }
 
   /** Segment ids in definition order. */
@@ -730,11 +729,12 @@ class SizeLog {
   private readonly cells = new Map<string, [number, number]>();
   private readonly dirty = new Set<string>();
 
-  constructor(cal: Calendar) {
+  constructor(cal: Calendar, segments: readonly CompiledSegment[]) {
     this.cal = cal;
+    this.segments = segments;
   }
 
-  async open(store: KvStore, _segments: readonly CompiledSegment[]): Promise<void> {
+  async open(store: KvStore): Promise<void> {
     for await (const entries of store.scan({ gte: SIZE_PREFIX, lt: 'g0' }, 1024)) {
       for (const e of entries) {
         const [a, b] = new TextDecoder().decode(e.value).split(',');
@@ -759,11 +759,7 @@ class SizeLog {
   }
 
   private pending: [number, number, number, number][] = [];
-  private segments: readonly CompiledSegment[] = [];
-
-  bind(segments: readonly CompiledSegment[]): void {
-    this.segments = segments;
-  }
+  private readonly segments: readonly CompiledSegment[];
 
   private settle(): void {
     for (const [s, from, to, day] of this.pending) {
@@ -789,8 +785,7 @@ class SizeLog {
     this.dirty.clear();
   }
 
-  rows(grain: 'day' | 'week' | 'month', watermark: number, segments: readonly CompiledSegment[]): SegmentSizeRow[] {
-    this.segments = segments;
+  rows(grain: 'day' | 'week' | 'month', watermark: number): SegmentSizeRow[] {
     this.settle();
     const cal = this.cal;
     const win = (day: number): number => (grain === 'day' ? day : grain === 'week' ? Math.floor((day + 3) / 7) : cal.monthOfDay(day));
@@ -825,7 +820,7 @@ class SizeLog {
         out.push({ grain, window: label(w), segment, tier, size, entered, exited });
       }
     }
-    const order = new Map(segments.map((s, k) => [s.id, k]));
+    const order = new Map(this.segments.map((s, k) => [s.id, k]));
     return out.sort((a, b) => (order.get(a.segment) ?? 1e9) - (order.get(b.segment) ?? 1e9) || (a.tier < b.tier ? -1 : a.tier > b.tier ? 1 : 0) || (a.window < b.window ? -1 : a.window > b.window ? 1 : 0));
   }
 }

@@ -1,3 +1,4 @@
+import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -38,3 +39,28 @@ export function tempDir(prefix = 'crm-test-'): { dir: string; cleanup: () => voi
 
 export const PROJECT_ROOT = path.resolve(import.meta.dirname, '..');
 export const SHARED_DATA = path.resolve(PROJECT_ROOT, '../shared/data');
+
+/**
+ * Starts `node args…` and SIGKILLs it `delayMs` after it says it has started processing (a line
+ * matching `ready` on stdout or stderr), so kills land in processing, not in reading the input.
+ * Resolves true if it was killed, false if it had finished first; rejects on any other exit.
+ */
+export function runAndKill(args: string[], ready: RegExp, delayMs: number): Promise<boolean> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let output = '';
+    let timer: NodeJS.Timeout | undefined;
+    const onData = (d: Buffer): void => {
+      output += d.toString();
+      if (timer === undefined && ready.test(output)) timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
+    child.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      if (signal === 'SIGKILL') resolve(true);
+      else if (code === 0) resolve(false);
+      else reject(new Error(`exit ${code}: ${output}`));
+    });
+  });
+}

@@ -1,11 +1,11 @@
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { META_KEY } from '../../engine/engine.js';
 import { Rng, TrafficGenerator, toJsonLine } from '../../engine/sources/generator.js';
 import { LevelStore } from '../../state/level.js';
-import { PROJECT_ROOT, tempDir } from '../helpers.js';
+import { PROJECT_ROOT, runAndKill, tempDir } from '../helpers.js';
 
 /**
  * Crash safety by killing processes: the real CLI (`dist/`, built by `npm test`) is SIGKILLed at
@@ -41,31 +41,6 @@ function runToEnd(args: string[]): string {
   const r = spawnSync(process.execPath, args, { encoding: 'utf8', timeout: 120_000 });
   if (r.status !== 0) throw new Error(`exit ${r.status} ${r.signal ?? ''}: ${r.stderr}`);
   return r.stdout;
-}
-
-/**
- * Starts the command and SIGKILLs it `delayMs` after it says it has started processing (a line
- * matching `ready` on stdout or stderr), so kills land in processing, not in reading the input.
- * Resolves true if it was killed, false if it had finished first.
- */
-function runAndKill(args: string[], ready: RegExp, delayMs: number): Promise<boolean> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stderr = '';
-    let timer: NodeJS.Timeout | undefined;
-    const onData = (d: Buffer): void => {
-      stderr += d.toString();
-      if (timer === undefined && ready.test(stderr)) timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
-    };
-    child.stdout.on('data', onData);
-    child.stderr.on('data', onData);
-    child.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      if (signal === 'SIGKILL') resolve(true);
-      else if (code === 0) resolve(false);
-      else reject(new Error(`exit ${code}: ${stderr}`));
-    });
-  });
 }
 
 async function storedPosition(dataDir: string): Promise<number> {

@@ -1,4 +1,4 @@
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import fc from 'fast-check';
@@ -11,7 +11,7 @@ import type { CohortGrain, CohortKind, KpiGrain } from '../../operators/kpi-rows
 import { compareRows } from '../oracle/compare.js';
 import { KpiOracle, type OracleEvent, type OracleOptions } from '../oracle/kpi-oracle.js';
 import { streamArb, type StreamCase, type StreamEvent } from '../oracle/streams.js';
-import { PROJECT_ROOT, SHARED_DATA, tempDir } from '../helpers.js';
+import { PROJECT_ROOT, SHARED_DATA, runAndKill, tempDir } from '../helpers.js';
 
 /**
  * The engine's KPIs, cohort matrices and funnels against an independent DuckDB recomputation from
@@ -201,26 +201,6 @@ describe.skipIf(!haveData)('KPIs equal the DuckDB oracle on the real data sets',
 
 const WORKER = path.join(PROJECT_ROOT, 'dist/tests/fixtures/kpi-worker.js');
 
-function runAndKill(args: string[], delayMs: number): Promise<boolean> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let timer: NodeJS.Timeout | undefined;
-    const onData = (d: Buffer): void => {
-      out += d.toString();
-      if (timer === undefined && /start \d+/.test(out)) timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
-    };
-    child.stdout.on('data', onData);
-    child.stderr.on('data', onData);
-    child.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      if (signal === 'SIGKILL') resolve(true);
-      else if (code === 0) resolve(false);
-      else reject(new Error(`exit ${code}: ${out}`));
-    });
-  });
-}
-
 describe('KPIs after SIGKILL and restart in the middle of the input', () => {
   it('equal the oracle and the uninterrupted run, row for row', async () => {
     if (!existsSync(WORKER)) throw new Error(`${WORKER} is missing: run \`npm run build\` first (npm test does)`);
@@ -239,7 +219,7 @@ describe('KPIs after SIGKILL and restart in the middle of the input', () => {
 
       let kills = 0;
       for (let attempt = 0; attempt < 40 && kills < 6; attempt++) {
-        if (!(await runAndKill([WORKER, dir, input, cfgFile], 20 + ((attempt * 37) % 150)))) break;
+        if (!(await runAndKill([WORKER, dir, input, cfgFile], /start \d+/, 20 + ((attempt * 37) % 150)))) break;
         kills++;
       }
       const last = spawnSync(process.execPath, [WORKER, dir, input, cfgFile], { encoding: 'utf8', timeout: 120_000 });

@@ -1,10 +1,10 @@
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { streamArb, type StreamEvent } from '../oracle/streams.js';
-import { PROJECT_ROOT, tempDir } from '../helpers.js';
+import { PROJECT_ROOT, runAndKill, tempDir } from '../helpers.js';
 
 /**
  * Exactly one enter and one exit per real membership transition across SIGKILLs: the KPI worker
@@ -15,26 +15,6 @@ import { PROJECT_ROOT, tempDir } from '../helpers.js';
  */
 
 const WORKER = path.join(PROJECT_ROOT, 'dist/tests/fixtures/kpi-worker.js');
-
-function runAndKill(args: string[], delayMs: number): Promise<boolean> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let timer: NodeJS.Timeout | undefined;
-    const onData = (d: Buffer): void => {
-      out += d.toString();
-      if (timer === undefined && /start \d+/.test(out)) timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
-    };
-    child.stdout.on('data', onData);
-    child.stderr.on('data', onData);
-    child.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      if (signal === 'SIGKILL') resolve(true);
-      else if (code === 0) resolve(false);
-      else reject(new Error(`exit ${code}: ${out}`));
-    });
-  });
-}
 
 describe('segment changes across SIGKILL', () => {
   it('equal an uninterrupted run record for record', async () => {
@@ -61,7 +41,7 @@ describe('segment changes across SIGKILL', () => {
       const dir = path.join(tmp.dir, 'crash');
       let kills = 0;
       for (let attempt = 0; attempt < 40 && kills < 8; attempt++) {
-        if (!(await runAndKill([WORKER, dir, input, cfgFile], 30 + ((attempt * 53) % 400)))) break;
+        if (!(await runAndKill([WORKER, dir, input, cfgFile], /start \d+/, 30 + ((attempt * 53) % 400)))) break;
         kills++;
       }
       const last = spawnSync(process.execPath, [WORKER, dir, input, cfgFile], { encoding: 'utf8', timeout: 120_000 });
