@@ -16,8 +16,8 @@ import { ALIAS_PREFIX, IdentityResolver } from '../operators/identity.js';
 import { FilterNs, KeyFilter } from './key-filter.js';
 import { ANON_PREFIX, type Operator, type StateSlot, type UserRecord } from '../operators/operator.js';
 import { KpiOperator } from '../operators/kpi.js';
-import { parseSegments, withBuiltins } from '../operators/segment-rules.js';
-import { SegmentOperator, type SegmentSizeRow } from '../operators/segments.js';
+import { parseSegments, withBuiltins, type SegmentDef } from '../operators/segment-rules.js';
+import { SegmentOperator, type SegmentReloadReport, type SegmentSizeRow, type SegmentStatus } from '../operators/segments.js';
 import type { CohortGrain, CohortKind, CohortRow, FunnelRow, KpiGrain, KpiRow } from '../operators/kpi-rows.js';
 import { ProfileOperator, profileView, type ProfileState, type ProfileView } from '../operators/profile.js';
 import { openStore } from '../state/index.js';
@@ -88,6 +88,8 @@ interface Meta {
   timeZone?: string;
   /** The configured segment definitions (before built-ins are added) the state was written with. */
   segments?: unknown[];
+  /** Segments were on for every event up to this checkpoint (false/absent: events went by without them). */
+  segmentsOn?: boolean;
 }
 
 const utf8 = new TextEncoder();
@@ -103,6 +105,8 @@ export class Engine {
   private readonly mergeAware: readonly Operator[];
   private readonly kpi: KpiOperator | null;
   private readonly segments: SegmentOperator | null;
+  /** The configured segment definitions in effect (before built-ins); changed by reloadSegments. */
+  private segmentDefs: SegmentDef[];
   /** The per-user state slots, in record order (operators without per-user state have none). */
   private readonly slots: readonly StateSlot<unknown>[];
   private readonly profiles: ProfileTable;
@@ -141,10 +145,9 @@ export class Engine {
     this.tickMs = opts.tickMs ?? 1000;
     const profileOp = new ProfileOperator();
     this.kpi = config.kpi.enabled ? new KpiOperator({ timeZone: config.time.timeZone, ...config.kpi }) : null;
+    this.segmentDefs = config.segments.enabled ? parseSegments({ segments: config.segments.definitions }, 'segments.definitions') : [];
     this.segments = config.segments.enabled
-      ? new SegmentOperator(withBuiltins(parseSegments({ segments: config.segments.definitions }, 'segments.definitions')), {
-        timeZone: config.time.timeZone, allowedLatenessMs: config.time.allowedLatenessMs,
-      })
+      ? new SegmentOperator(withBuiltins(this.segmentDefs), { timeZone: config.time.timeZone, allowedLatenessMs: config.time.allowedLatenessMs })
       : null;
     this.operators = [profileOp, ...(this.kpi === null ? [] : [this.kpi]), ...(this.segments === null ? [] : [this.segments]), ...(opts.operators ?? [])];
     this.mergeAware = this.operators.filter((op) => op.beforeMerge !== undefined && op.afterMerge !== undefined);
@@ -240,6 +243,14 @@ export class Engine {
     for (const op of this.operators) await op.open(this.store, this.ctx);
     // Records committed before a crash but not yet handed to sinks go out now.
     await this.outbox.drain();
+    if (this.segments !== null) {
+      // Rules different from the stored ones are a reload; a scan cut short by a crash resumes.
+      const fresh = meta === null || meta.accepted === 0;
+      const pending = this.segments.reconcile({
+        fresh, gap: !fresh && meta?.segmentsOn !== true, watermark: this.wm, maxTs: this.maxTs, profileSlot: this.profileSlotIndex,
+      });
+      if (pending) await this.runSegmentScan();
+    }
   }
 
   /** The source position stored with the last checkpoint (null on a fresh store). */
@@ -336,6 +347,7 @@ export class Engine {
         this.failure = err;
         throw err;
       }
+      await this.activateReadySegments();
       if (this.checkpointDue()) await this.checkpointNow();
       return result;
     } finally {
@@ -493,6 +505,7 @@ export class Engine {
         if (stepTo >= ts) break;
         await this.checkpointNow();
       }
+      await this.activateReadySegments();
       if (this.checkpointDue()) await this.checkpointNow();
     } finally {
       this.busy = false;
@@ -553,7 +566,8 @@ export class Engine {
       version: META_VERSION, epoch, watermark: Number.isFinite(this.wm) ? this.wm : null,
       maxTs: Number.isFinite(this.maxTs) ? this.maxTs : null, position: this.positionValue, rejects,
       nextSeq: this.outbox.next, customTypes: this.types.customNames(), dedupeOldestDay: this.dedupe.oldest,
-      accepted: this.acceptedTotal, timeZone: this.config.time.timeZone, segments: [...this.config.segments.definitions],
+      accepted: this.acceptedTotal, timeZone: this.config.time.timeZone, segments: [...this.segmentDefs],
+      segmentsOn: this.segments !== null,
     };
     ops.push({ type: 'put', key: META_KEY, value: utf8.encode(JSON.stringify(meta)) });
     try {
@@ -617,6 +631,76 @@ export class Engine {
   /** Journey funnel rows per sign-up cohort window. */
   async funnel(grain: KpiGrain): Promise<FunnelRow[]> {
     return this.kpiOperator().funnel(grain);
+  }
+
+  /**
+   * Replaces the configured segment rules in the running engine (`definitions`: the list of a rule
+   * file, docs/SEGMENTS.md). Invalid rules throw CONFIG_INVALID and change nothing. Otherwise every
+   * profile is visited once (checkpointed as it goes; a crash resumes the pass): unchanged segments
+   * keep their members, removed ones exit theirs, and added or changed ones are evaluated from the
+   * kept state where it is complete for them, or marked building until the watermark reaches the
+   * instant from which it is (see `segmentStatus`). Returns what changed.
+   *
+   * @example
+   * const r = await engine.reloadSegments([{ id: 'loyal', rule: { did: 'purchase', within: '90d', atLeast: 3 } }]);
+   * // r.added = ['loyal'], r.building = [] (purchases are kept for the built-ins' 365-day window)
+   */
+  async reloadSegments(definitions: unknown, source = 'reloaded segment rules'): Promise<SegmentReloadReport> {
+    const op = this.segmentOperator();
+    const defs = parseSegments({ segments: definitions }, source); // before anything changes
+    this.enter();
+    try {
+      await this.checkpointNow();
+      // Every record is durable and clean: the cache goes, so each is read again in the new layout.
+      this.profiles.dropCache();
+      const report = op.reload(withBuiltins(defs), this.wm, this.maxTs);
+      this.segmentDefs = defs;
+      await this.runSegmentScan();
+      return report;
+    } catch (err) {
+      this.failure = err;
+      throw err;
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  /** Per segment: live, or building until the watermark reaches `ready_at` (after a reload). */
+  segmentStatus(): SegmentStatus[] {
+    return this.segmentOperator().status();
+  }
+
+  /** Building segments whose rules the kept state now answers exactly go live (a scan of the profiles). */
+  private async activateReadySegments(): Promise<void> {
+    const op = this.segments;
+    if (op === null || !op.activationDue(this.wm)) return;
+    op.startActivation(this.wm);
+    await this.runSegmentScan();
+  }
+
+  /**
+   * Visits every stored profile in id order for the segment operator's pending scan, checkpointing
+   * after each chunk with the scan's position, so memory stays bounded and a crash resumes the pass
+   * where the last checkpoint left it. Profiles only in memory are written first.
+   */
+  private async runSegmentScan(): Promise<void> {
+    const op = this.segments!;
+    const chunk = Math.max(64, Math.min(this.config.checkpoint.maxDirtyUsers, 8192));
+    await this.checkpointNow();
+    for (;;) {
+      const cursor = op.scanCursor;
+      if (cursor === undefined) return;
+      const ids: string[] = [];
+      // '\0' after the cursor: the first key greater than it.
+      const gte = USER_PREFIX + (cursor === null ? '' : `${cursor}\u0000`);
+      for await (const keys of this.store.scanKeys({ gte, lt: 'u0', limit: chunk }, chunk)) for (const k of keys) ids.push(k.slice(USER_PREFIX.length));
+      if (ids.length === 0) op.scanDone();
+      else {
+        for (const id of ids) op.scanRecord(this.profiles.load(id), this.ctx);
+        op.scanAdvance(ids[ids.length - 1]!);
+      }
+      await this.checkpointNow();
+    }
   }
 
   /** Segment ids in definition order (built-ins first). */

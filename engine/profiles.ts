@@ -202,6 +202,12 @@ export class ProfileTable {
     }
   }
 
+  /** Empties the cache; every record must be clean (just after a checkpoint), so nothing is lost. */
+  dropCache(): void {
+    if (this.dirtyList.length > 0) throw new Error(`dropCache with ${this.dirtyList.length} dirty records`);
+    this.cache.clear();
+  }
+
   /** Every cached record (for full-state dumps in tests and exports of small states). */
   cached(): IterableIterator<UserRecord> {
     return this.cache.values();

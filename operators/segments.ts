@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { crmstream } from '../api/proto/gen/crmstream.js';
 import type { EventColumns } from '../engine/batch.js';
 import { Calendar } from '../engine/calendar.js';
@@ -6,6 +7,8 @@ import { Topic } from '../engine/outbox.js';
 import type { BinReader, BinWriter } from '../state/codec.js';
 import type { KvStore, WriteOp } from '../state/store.js';
 import type { Operator, OperatorContext, StateSlot, UserRecord } from './operator.js';
+import { CrmError } from '../engine/errors.js';
+import type { ProfileState } from './profile.js';
 import { durationMs, type Condition, type SegmentDef } from './segment-rules.js';
 
 /**
@@ -65,6 +68,11 @@ export class SegUser {
   next: number[];
   /** The timer registered for this user (NaN: none). */
   timerTs = Number.NaN;
+  /**
+   * Not stored. Memberships read from a record written under earlier rules whose segment (or tier)
+   * no longer exists: [segment id, tier, tiered]. The reload scan turns them into exits.
+   */
+  dropped: [string, string, boolean][] | null = null;
 
   constructor(nTypes: number, nAttrs: number, nSegs: number) {
     this.hist = new Array<TypeHist | null>(nTypes).fill(null);
@@ -133,6 +141,16 @@ function attrAt(a: AttrHist | null, t: number): string | undefined {
   return end > 0 ? a.val[end - 1] : undefined;
 }
 
+/** JSON with object keys sorted: the same rule gives the same text whatever order its fields were written in. */
+function stableJson(v: unknown): string {
+  if (Array.isArray(v)) return `[${v.map(stableJson).join(',')}]`;
+  if (v !== null && typeof v === 'object') {
+    const o = v as Record<string, unknown>;
+    return `{${Object.keys(o).sort().filter((k) => o[k] !== undefined).map((k) => `${JSON.stringify(k)}:${stableJson(o[k])}`).join(',')}}`;
+  }
+  return JSON.stringify(v);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Compilation
 
@@ -152,6 +170,13 @@ export interface CompiledSegment {
   readonly tiers: readonly string[];
   readonly evals: readonly Evaluator[];
   readonly def: SegmentDef;
+  /**
+   * Identity of the rule across reloads: a digest of the definition (description aside) and of the
+   * keys of the segments it reads, so a reader of a changed segment counts as changed too.
+   */
+  readonly key: string;
+  /** Indices of the segments it reads (inSegment). */
+  readonly refs: readonly number[];
 }
 
 /** Rules compiled against one tracked-type / attribute layout. */
@@ -180,7 +205,8 @@ export class SegmentProgram {
       const tiers = d.tiers ?? [{ name: '', rule: d.rule! }];
       const refs = new Set<number>();
       const evals = tiers.map((t) => this.compile(t.rule, deps, refs, byId));
-      this.segments.push({ id: d.id, tiers: tiers.map((t) => t.name), evals, def: d });
+      const key = createHash('sha1').update(stableJson({ ...d, description: undefined })).update([...refs].map((r) => this.segments[r]!.key).join(',')).digest('hex').slice(0, 16);
+      this.segments.push({ id: d.id, tiers: tiers.map((t) => t.name), evals, def: d, key, refs: [...refs] });
       for (const dep of deps) {
         if (dep === '*') this.anyEvent.add(s);
         else if (dep === '@activity') this.activityDeps.add(s);
@@ -354,6 +380,108 @@ export class SegmentProgram {
 }
 
 // ---------------------------------------------------------------------------------------------
+// What the kept state can answer (rule reloads)
+
+/**
+ * Instants in the stored segment state: finite ms, or −∞ ("since the state began") and +∞
+ * ("never"), which JSON cannot hold and are stored as strings.
+ */
+const encInstant = (t: number): number | string => (Number.isFinite(t) ? t : t > 0 ? 'inf' : '-inf');
+const decInstant = (v: unknown): number => (v === 'inf' ? NEVER : v === '-inf' ? Number.NEGATIVE_INFINITY : Number(v));
+
+/** How far back the kept state of one event type is complete. */
+interface TypeProvenance {
+  /** Every accepted event of the type with ts ≥ recordedFrom is folded in (−∞: every one). */
+  recordedFrom: number;
+  /**
+   * Every recorded event with ts ≥ listedFrom is listed with its time, as far back as the current
+   * keep reaches (older ones may be in the prefix only). Moves up when a reload lengthens a window.
+   */
+  listedFrom: number;
+  /** The keep (ms) the times are listed for from now on. */
+  keepMs: number;
+}
+
+interface Provenance {
+  types: Map<string, TypeProvenance>;
+  /** Per attribute: evaluation at instants ≥ this is exact (+∞: never, values before it are unknown). */
+  attrs: Map<string, number>;
+  /** Sign-up and first-event times: exact at instants ≥ this. */
+  basics: number;
+}
+
+/** The earliest watermark from which a condition is exact over the kept state (−∞: always; +∞: never). */
+function readyAt(c: Condition, prov: Provenance, segReady: readonly number[], byId: ReadonlyMap<string, number>): number {
+  if ('did' in c || 'didNot' in c || 'sum' in c) {
+    const p = prov.types.get('did' in c ? c.did : 'didNot' in c ? c.didNot : c.sum)!;
+    // A window reads (t − d, t]: complete once its start is inside the listed times. An unbounded
+    // one reads every event: complete only if the type was recorded from the beginning.
+    if (c.within === undefined) return p.recordedFrom === Number.NEGATIVE_INFINITY ? p.recordedFrom : NEVER;
+    return p.listedFrom + durationMs(c.within);
+  }
+  if ('sequence' in c) {
+    // The latest A may be any time back: both types must have been recorded all along.
+    const a = prov.types.get(c.sequence.did)!;
+    const b = prov.types.get(c.sequence.thenNot)!;
+    return a.recordedFrom === Number.NEGATIVE_INFINITY && b.recordedFrom === Number.NEGATIVE_INFINITY ? a.recordedFrom : NEVER;
+  }
+  if ('signedUp' in c) return prov.basics;
+  if ('attr' in c) return prov.attrs.get(c.attr)!;
+  if ('birthdayMonth' in c) return prov.attrs.get('prop:birthday')!;
+  if ('inSegment' in c) return segReady[byId.get(c.inSegment)!]!;
+  const parts = 'all' in c ? c.all : 'any' in c ? c.any : [c.not];
+  let r = Number.NEGATIVE_INFINITY;
+  for (const x of parts) r = Math.max(r, readyAt(x, prov, segReady, byId));
+  return r;
+}
+
+/** The per-user slot layout of one rule set; records carry the number of the layout they were written in. */
+interface SegLayout {
+  types: string[];
+  attrs: string[];
+  segs: { id: string; key: string; tiers: string[] }[];
+}
+
+function layoutOf(p: SegmentProgram): SegLayout {
+  return {
+    types: [...p.types.keys()],
+    attrs: [...p.attrs.keys()],
+    segs: p.segments.map((s) => ({ id: s.id, key: s.key, tiers: [...s.tiers] })),
+  };
+}
+
+/** A pass over every stored profile after a reload or when building segments become exact. */
+interface ScanState {
+  /** The last profile id done (null: none yet). Scans run in id order and checkpoint as they go. */
+  cursor: string | null;
+  /** Segments to (re-)evaluate in each profile. */
+  ids: string[];
+  cause: 'reload' | 'rule_ready';
+  /** Facts to take from the profile operator's state: 'basics' (sign-up, first event), 'platform'. */
+  seed: string[];
+  /** The highest event time seen when the scan began (seeded facts are exact from it on). */
+  seedAt: number;
+}
+
+export interface SegmentStatus {
+  id: string;
+  /** live: exact and emitting changes; building: waiting for the watermark to reach `ready_at`. */
+  state: 'live' | 'building';
+  /** When a building segment turns live (ms); null: never — the rule reads history the state did not keep. */
+  ready_at: number | null;
+}
+
+export interface SegmentReloadReport {
+  added: string[];
+  changed: string[];
+  removed: string[];
+  unchanged: string[];
+  building: { id: string; ready_at: number | null }[];
+}
+
+const STATE_KEY = 'm/segments';
+
+// ---------------------------------------------------------------------------------------------
 
 export const SEG_TIMER = 'seg';
 const CHANGE_KIND = ['enter', 'exit', 'tier_change'] as const;
@@ -364,43 +492,372 @@ export interface SegmentOptions {
   readonly allowedLatenessMs: number;
 }
 
-/** The segment operator. Definitions are fixed per engine instance (a reload builds a new program). */
+/** What the engine tells the operator about the store when it opens (`reconcile`). */
+export interface SegmentReconcileInput {
+  /** No events were ever accepted into this store. */
+  readonly fresh: boolean;
+  /** Events were accepted while segments were switched off (or before they existed). */
+  readonly gap: boolean;
+  readonly watermark: number;
+  readonly maxTs: number;
+  /** Index of the profile operator's slot (seeding facts for rules the segment state never kept). */
+  readonly profileSlot: number;
+}
+
+/**
+ * The segment operator. The rules can change in a running engine (`reload`): per-user state is
+ * laid out per rule set, and records written under an earlier one are translated when read.
+ * A changed rule is evaluated from the kept state at once where that state is complete for it
+ * (per event type and attribute the operator knows since when it has been recorded), and is
+ * otherwise marked building until the watermark reaches the instant from which it is.
+ */
 export class SegmentOperator implements Operator {
   readonly name = 'segments';
   readonly slot: StateSlot<unknown>;
   readonly timerKinds: readonly string[] = [SEG_TIMER];
   slotIndex = -1;
-  readonly program: SegmentProgram;
+  program!: SegmentProgram;
   private readonly opts: SegmentOptions;
-  private readonly typeIndexByName: ReadonlyMap<string, number>;
-  /** Cache: event type name → affected segments, for activity / non-activity. */
+  private typeIndexByName!: ReadonlyMap<string, number>;
+  private segIndexById!: ReadonlyMap<string, number>;
+  /** Cache: event type name → affected live segments, for activity / non-activity. */
   private readonly affectedCache = new Map<string, number[]>();
-  private readonly platformAttr: number;
+  private platformAttr = -1;
   /** Per tracked type: how far back (ms) before the lateness floor its times stay listed. */
-  private readonly keepMs: number[];
-  private readonly propAttrs: readonly [string, number][];
-  private readonly allSegments: readonly number[];
+  private keepMs: number[] = [];
+  private propAttrs: [string, number][] = [];
+  /** Per segment: live (exact, evaluated, emitting) rather than building. */
+  private live: boolean[] = [];
+  private liveSegments: number[] = [];
   private readonly sizes: SizeLog;
+  private profileSlot = -1;
+  // Stored in `m/segments`:
+  private layouts: SegLayout[] = [];
+  private layoutNo = 0;
+  private prov: Provenance = { types: new Map(), attrs: new Map(), basics: Number.NEGATIVE_INFINITY };
+  /** Building segments: id → the watermark from which they are exact (+∞: never). */
+  private building = new Map<string, number>();
+  private scan: ScanState | null = null;
+  private stored: Record<string, unknown> | null = null;
+  private stateDirty = false;
   /** Membership changes since start (metrics). */
   changes = 0;
   evaluations = 0;
 
   constructor(defs: readonly SegmentDef[], opts: SegmentOptions) {
-    this.program = new SegmentProgram(defs, opts.timeZone);
     this.opts = opts;
-    const p = this.program;
+    this.sizes = new SizeLog(new Calendar(opts.timeZone));
+    this.install(new SegmentProgram(defs, opts.timeZone));
+    this.slot = makeSlot(this);
+  }
+
+  /** Makes `p` the program in effect (derived lookups; the live set follows `building`). */
+  private install(p: SegmentProgram): void {
+    this.program = p;
     this.typeIndexByName = new Map([...p.types].map(([name, v]) => [name, v.index]));
+    this.segIndexById = new Map(p.segments.map((s, i) => [s.id, i]));
     this.platformAttr = p.attrs.get('platform') ?? -1;
-    this.allSegments = p.segments.map((_, s) => s);
-    this.sizes = new SizeLog(new Calendar(opts.timeZone), p.segments);
     this.keepMs = [];
     for (const v of p.types.values()) this.keepMs[v.index] = v.keepMs;
     this.propAttrs = [...p.attrs].filter(([n]) => n.startsWith('prop:')).map(([n, i]) => [n.slice(5), i]);
-    this.slot = makeSlot(p.types.size, p.attrs.size, p.segments.length);
+    this.sizes.segments = p.segments;
+    this.refreshLive();
+  }
+
+  private refreshLive(): void {
+    this.live = this.program.segments.map((s) => !this.building.has(s.id));
+    this.liveSegments = this.program.segments.map((_, s) => s).filter((s) => this.live[s]);
+    this.affectedCache.clear();
   }
 
   async open(store: KvStore, _ctx: OperatorContext): Promise<void> {
     await this.sizes.open(store);
+    const raw = await store.get(STATE_KEY);
+    this.stored = raw === undefined ? null : (JSON.parse(new TextDecoder().decode(raw)) as Record<string, unknown>);
+  }
+
+  /**
+   * Reconciles the configured rules with the stored segment state once the store is open: resumes
+   * an unfinished scan, or treats different rules as a reload. Returns whether a scan is pending.
+   */
+  reconcile(input: SegmentReconcileInput): boolean {
+    this.profileSlot = input.profileSlot;
+    const next = this.program;
+    const st = this.stored;
+    this.stored = null;
+    if (st !== null) {
+      this.layouts = st['layouts'] as SegLayout[];
+      this.layoutNo = st['layout'] as number;
+      const types = new Map<string, TypeProvenance>();
+      for (const [name, v] of Object.entries(st['types'] as Record<string, [unknown, unknown, number]>)) {
+        types.set(name, { recordedFrom: decInstant(v[0]), listedFrom: decInstant(v[1]), keepMs: v[2] });
+      }
+      const attrs = new Map(Object.entries(st['attrs'] as Record<string, unknown>).map(([k, v]) => [k, decInstant(v)]));
+      this.prov = { types, attrs, basics: decInstant(st['basics']) };
+      this.building = new Map(Object.entries(st['building'] as Record<string, unknown>).map(([k, v]) => [k, decInstant(v)]));
+      this.scan = st['scan'] as ScanState | null;
+      if (this.scan !== null) this.scan.seedAt = decInstant(this.scan.seedAt);
+    }
+    if (st === null && input.fresh) {
+      // A new store: everything is recorded from the beginning.
+      this.layouts = [layoutOf(next)];
+      this.layoutNo = 0;
+      for (const [name, v] of next.types) this.prov.types.set(name, { recordedFrom: Number.NEGATIVE_INFINITY, listedFrom: Number.NEGATIVE_INFINITY, keepMs: v.keepMs });
+      for (const name of next.attrs.keys()) this.prov.attrs.set(name, Number.NEGATIVE_INFINITY);
+      this.stateDirty = true;
+      this.refreshLive();
+      return false;
+    }
+    if (input.gap || st === null) {
+      // Events went by without the segment state: nothing it holds is complete any more.
+      this.prov = { types: new Map(), attrs: new Map(), basics: NEVER };
+      this.building.clear();
+      this.switchTo(next, input.watermark, input.maxTs, true);
+      return true;
+    }
+    const current = this.layouts[this.layoutNo]!;
+    const same = current.segs.length === next.segments.length && current.segs.every((s, i) => s.key === next.segments[i]!.key);
+    if (!same) {
+      this.switchTo(next, input.watermark, input.maxTs, false);
+      return true;
+    }
+    this.refreshLive();
+    return this.scan !== null;
+  }
+
+  /**
+   * Replaces the rules (already validated) in a running engine; the engine then runs the scan
+   * (`scanRecord` over every profile). Call with every record checkpointed and the cache emptied.
+   */
+  reload(defs: readonly SegmentDef[], watermark: number, maxTs: number): SegmentReloadReport {
+    if (this.scan !== null) throw new CrmError('ENGINE_BUSY', 'a segment scan is still running; reload when it has finished');
+    const next = new SegmentProgram(defs, this.opts.timeZone);
+    const before = this.layouts[this.layoutNo]!;
+    const report = this.switchTo(next, watermark, maxTs, false);
+    if (before.segs.length === next.segments.length && before.segs.every((s, i) => s.key === next.segments[i]!.key)) {
+      // Same rules (perhaps reworded descriptions): nothing to do.
+      this.layouts.pop();
+      this.layoutNo = this.layouts.length - 1;
+      this.scan = null;
+    }
+    return report;
+  }
+
+  /** The layout and provenance move from the current rules to `next`; a scan is set up. */
+  private switchTo(next: SegmentProgram, w: number, maxTs: number, basicsNew: boolean): SegmentReloadReport {
+    const lat = this.opts.allowedLatenessMs;
+    const old = this.prov;
+    // Events with ts > maxTs cannot have been seen: a type recorded from now on is complete from
+    // there (−∞ when nothing was ever accepted).
+    const firstNew = maxTs + 1;
+    const types = new Map<string, TypeProvenance>();
+    for (const [name, v] of next.types) {
+      const o = old.types.get(name);
+      if (o === undefined) types.set(name, { recordedFrom: firstNew, listedFrom: firstNew, keepMs: v.keepMs });
+      else {
+        // A longer window than before: the times folded into the prefix under the old keep are
+        // gone; from max(listedFrom, the old cut) on they are all listed.
+        const listedFrom = v.keepMs > o.keepMs ? Math.max(o.listedFrom, w - lat - o.keepMs) : o.listedFrom;
+        types.set(name, { recordedFrom: o.recordedFrom, listedFrom, keepMs: v.keepMs });
+      }
+    }
+    const seed: string[] = [];
+    const attrs = new Map<string, number>();
+    for (const name of next.attrs.keys()) {
+      let from = old.attrs.get(name);
+      if (from === undefined) {
+        // The platform of the latest activity is in the profile: exact from the last event time
+        // seen on. Props are not kept anywhere else.
+        if (name === 'platform') {
+          from = maxTs;
+          if (Number.isFinite(maxTs)) seed.push('platform');
+        } else from = Number.isFinite(maxTs) ? NEVER : Number.NEGATIVE_INFINITY;
+      }
+      attrs.set(name, from);
+    }
+    let basics = old.basics;
+    if (basicsNew) {
+      basics = maxTs;
+      if (Number.isFinite(maxTs)) seed.push('basics');
+    }
+    this.prov = { types, attrs, basics };
+
+    const ready: number[] = [];
+    const byId = new Map<string, number>();
+    const building = new Map<string, number>();
+    next.segments.forEach((sg, s) => {
+      let r = basics;
+      for (const t of sg.def.tiers ?? [{ rule: sg.def.rule! }]) r = Math.max(r, readyAt(t.rule, this.prov, ready, byId));
+      ready.push(r);
+      byId.set(sg.id, s);
+      if (r > w) building.set(sg.id, r);
+    });
+    const before = this.layouts[this.layoutNo];
+    const oldSegs = new Map((before?.segs ?? []).map((x) => [x.id, x]));
+    const report: SegmentReloadReport = { added: [], changed: [], removed: [], unchanged: [], building: [] };
+    const ids: string[] = [];
+    for (const sg of next.segments) {
+      const o = oldSegs.get(sg.id);
+      (o === undefined ? report.added : o.key === sg.key ? report.unchanged : report.changed).push(sg.id);
+      const carried = o !== undefined && o.key === sg.key && !this.building.has(sg.id) && !building.has(sg.id) && !basicsNew;
+      if (!carried) ids.push(sg.id);
+      const r = building.get(sg.id);
+      if (r !== undefined) report.building.push({ id: sg.id, ready_at: Number.isFinite(r) ? r : null });
+    }
+    for (const id of oldSegs.keys()) if (!byId.has(id)) report.removed.push(id);
+    this.building = building;
+    this.layouts.push(layoutOf(next));
+    this.layoutNo = this.layouts.length - 1;
+    this.scan = { cursor: null, ids, cause: 'reload', seed, seedAt: maxTs };
+    this.install(next);
+    this.stateDirty = true;
+    return report;
+  }
+
+  /** Building segments the watermark has made exact: they go live through a scan (engine). */
+  activationDue(watermark: number): boolean {
+    if (this.scan !== null) return false;
+    for (const r of this.building.values()) if (r <= watermark) return true;
+    return false;
+  }
+
+  startActivation(watermark: number): void {
+    const ids = [...this.building].filter(([, r]) => r <= watermark).map(([id]) => id);
+    for (const id of ids) this.building.delete(id);
+    this.scan = { cursor: null, ids, cause: 'rule_ready', seed: [], seedAt: Number.NEGATIVE_INFINITY };
+    this.refreshLive();
+    this.stateDirty = true;
+  }
+
+  /** The pending scan's position: undefined when there is none, null before the first profile. */
+  get scanCursor(): string | null | undefined {
+    return this.scan === null ? undefined : this.scan.cursor;
+  }
+
+  /** The scan has done every profile up to and including `id` (stored with the next checkpoint). */
+  scanAdvance(id: string): void {
+    this.scan!.cursor = id;
+    this.stateDirty = true;
+  }
+
+  scanDone(): void {
+    this.scan = null;
+    this.stateDirty = true;
+  }
+
+  /** One profile of the scan: seeds, exits of dropped memberships, the scan's segments evaluated. */
+  scanRecord(rec: UserRecord, ctx: OperatorContext): void {
+    const scan = this.scan!;
+    const u = rec.slots[this.slotIndex] as SegUser;
+    const t = ctx.watermark;
+    if (scan.seed.length > 0) this.seed(rec, u, scan, t - this.opts.allowedLatenessMs);
+    if (u.dropped !== null) {
+      for (const [id, tier, tiered] of u.dropped) {
+        this.emitChange(ctx, rec.id, id, 1, tier, tier, t, scan.cause);
+        this.sizes.changeNamed(id, tiered, tier, null, t);
+      }
+      u.dropped = null;
+    }
+    const segs: number[] = [];
+    for (const id of scan.ids) {
+      const s = this.segIndexById.get(id);
+      if (s === undefined) continue;
+      if (this.live[s]) {
+        segs.push(s);
+        continue;
+      }
+      // Building: no members until it is exact (no messages on a partial history).
+      const m = u.member[s]!;
+      if (m > 0) {
+        const sg = this.program.segments[s]!;
+        this.emitChange(ctx, rec.id, sg.id, 1, sg.tiers[m - 1]!, sg.tiers[m - 1]!, t, scan.cause);
+        this.sizes.change(sg, m - 1, -1, t);
+        u.member[s] = 0;
+        u.since[s] = Number.NaN;
+      }
+      u.next[s] = NEVER;
+    }
+    segs.sort((a, b) => a - b);
+    this.evaluate(rec, u, segs, t, scan.cause, ctx);
+  }
+
+  private seed(rec: UserRecord, u: SegUser, scan: ScanState, keepFloor: number): void {
+    const p = rec.slots[this.profileSlot] as ProfileState;
+    if (scan.seed.includes('basics')) {
+      if (!Number.isNaN(p.signupTs) && !(u.signupTs <= p.signupTs)) u.signupTs = p.signupTs;
+      // The profile knows first activity, sign-up and purchase times; a profile with only
+      // message events is known from the scan's last event time on.
+      let first = Math.min(...[p.firstTs, p.signupTs, p.firstPurchaseTs].filter((x) => !Number.isNaN(x)));
+      if (!Number.isFinite(first) && p.events > 0) first = scan.seedAt;
+      if (Number.isFinite(first) && !(u.firstTs <= first)) u.firstTs = first;
+    }
+    if (scan.seed.includes('platform') && this.platformAttr >= 0 && !Number.isNaN(p.lastTs)) {
+      this.setAttr(u, this.platformAttr, p.lastTs, p.lastPlatform, keepFloor);
+    }
+  }
+
+  /**
+   * A record written under layout `no` (an earlier rule set), in the current layout: facts carried
+   * by name, memberships of unchanged rules carried as they are, those of changed rules carried by
+   * tier name (the scan re-evaluates them), the rest listed in `dropped` for the scan's exits.
+   */
+  migrate(old: SegUser, no: number): SegUser {
+    const from = this.layouts[no]!;
+    const p = this.program;
+    const u = new SegUser(p.types.size, p.attrs.size, p.segments.length);
+    from.types.forEach((name, k) => {
+      const j = this.typeIndexByName.get(name);
+      if (j !== undefined) u.hist[j] = old.hist[k]!;
+    });
+    from.attrs.forEach((name, k) => {
+      const j = p.attrs.get(name);
+      if (j !== undefined) u.attrs[j] = old.attrs[k]!;
+    });
+    u.signupTs = old.signupTs;
+    u.firstTs = old.firstTs;
+    u.timerTs = old.timerTs;
+    from.segs.forEach((o, k) => {
+      const m = old.member[k]!;
+      const s = this.segIndexById.get(o.id);
+      const sg = s === undefined ? undefined : p.segments[s]!;
+      if (sg !== undefined && sg.key === o.key) {
+        u.member[s!] = m;
+        u.since[s!] = old.since[k]!;
+        u.next[s!] = old.next[k]!;
+        return;
+      }
+      if (m === 0) return;
+      const tier = o.tiers[m - 1]!;
+      const at = sg === undefined ? -1 : sg.tiers.indexOf(tier);
+      if (at >= 0) {
+        u.member[s!] = at + 1;
+        u.since[s!] = old.since[k]!;
+      } else {
+        (u.dropped ??= []).push([o.id, tier, o.tiers.length > 1 || o.tiers[0] !== '']);
+      }
+    });
+    return u;
+  }
+
+  /** Decodes a record's slot: the current layout directly, an earlier one through `migrate`. */
+  decodeUser(r: BinReader): SegUser {
+    const no = r.uint();
+    const layout = this.layouts[no];
+    if (layout === undefined) throw new RangeError(`segment state layout ${no} is unknown (${this.layouts.length} stored)`);
+    const u = readUser(r, layout.types.length, layout.attrs.length, layout.segs.length);
+    return no === this.layoutNo ? u : this.migrate(u, no);
+  }
+
+  get currentLayout(): number {
+    return this.layoutNo;
+  }
+
+  /** Per segment: live or building (and from when it will be exact). */
+  status(): SegmentStatus[] {
+    return this.program.segments.map((sg) => {
+      const r = this.building.get(sg.id);
+      return { id: sg.id, state: r === undefined ? 'live' : 'building', ready_at: r === undefined ? null : Number.isFinite(r) ? r : null };
+    });
   }
 
   private affected(type: string, activity: boolean): number[] {
@@ -408,7 +865,7 @@ export class SegmentOperator implements Operator {
     let a = this.affectedCache.get(key);
     if (a === undefined) {
       if (this.affectedCache.size > 4096) this.affectedCache.clear(); // custom type names are bounded upstream; this is a second guard
-      this.affectedCache.set(key, (a = this.program.affected(type, activity)));
+      this.affectedCache.set(key, (a = this.program.affected(type, activity).filter((s) => this.live[s])));
     }
     return a;
   }
@@ -443,7 +900,7 @@ export class SegmentOperator implements Operator {
       if (activity && this.platformAttr >= 0) this.setAttr(u, this.platformAttr, t, platform[i]!, keepFloor);
       const pr = props[i];
       if (pr != null) for (const [key, ai] of this.propAttrs) { const v = pr[key]; if (v !== undefined) this.setAttr(u, ai, t, v, keepFloor); }
-      const segs = first ? this.allSegments : this.affected(name, activity);
+      const segs = first ? this.liveSegments : this.affected(name, activity);
       if (segs.length > 0) this.evaluate(rec, u, segs, ctx.watermark, `event:${name}`, ctx);
     }
   }
@@ -499,6 +956,7 @@ export class SegmentOperator implements Operator {
     // segment yet, and is looked at again when it starts.
     const known = u.firstTs <= t;
     for (const s of segs) {
+      if (!this.live[s]) continue; // building: not evaluated until exact (readers are building too)
       const sg = p.segments[s]!;
       let tier = -1;
       let next = NEVER;
@@ -518,13 +976,8 @@ export class SegmentOperator implements Operator {
         const kind = before < 0 ? 0 : tier < 0 ? 1 : 2;
         u.member[s] = tier + 1;
         if (kind !== 2) u.since[s] = tier < 0 ? Number.NaN : t;
-        this.changes++;
-        this.sizes.change(s, before, tier, t);
-        ctx.emit(Topic.segmentChange, crmstream.v1.SegmentChange.encode({
-          user_id: rec.id, segment_id: sg.id, change: CHANGE_KIND[kind], enter: kind === 0, event_ts: Number.isFinite(t) ? t : 0, cause,
-          tier: tier < 0 ? (before < 0 ? '' : sg.tiers[before]!) : sg.tiers[tier]!,
-          previous_tier: before < 0 ? '' : sg.tiers[before]!,
-        }).finish());
+        this.sizes.change(sg, before, tier, t);
+        this.emitChange(ctx, rec.id, sg.id, kind, tier < 0 ? sg.tiers[before]! : sg.tiers[tier]!, before < 0 ? '' : sg.tiers[before]!, t, cause);
       }
     }
     let due = NEVER;
@@ -534,6 +987,15 @@ export class SegmentOperator implements Operator {
       if (due !== NEVER) ctx.timers.register(rec.id, SEG_TIMER, due);
       u.timerTs = due === NEVER ? Number.NaN : due;
     }
+  }
+
+  /** One SegmentChange record (kind: 0 enter, 1 exit, 2 tier_change) into the outbox. */
+  private emitChange(ctx: OperatorContext, user: string, segment: string, kind: number, tier: string, previous: string, t: number, cause: string): void {
+    this.changes++;
+    ctx.emit(Topic.segmentChange, crmstream.v1.SegmentChange.encode({
+      user_id: user, segment_id: segment, change: CHANGE_KIND[kind], enter: kind === 0, event_ts: Number.isFinite(t) ? t : 0, cause,
+      tier, previous_tier: previous,
+    }).finish());
   }
 
   onTimer(rec: UserRecord, _kind: string, ts: number, ctx: OperatorContext): void {
@@ -549,7 +1011,7 @@ export class SegmentOperator implements Operator {
   afterMerge(into: UserRecord, ctx: OperatorContext): void {
     const u = into.slots[this.slotIndex] as SegUser;
     // ctx.watermark, not the one of the last batch: a stitch can come with a watermark move.
-    this.evaluate(into, u, this.allSegments, ctx.watermark, 'merge', ctx);
+    this.evaluate(into, u, this.liveSegments, ctx.watermark, 'merge', ctx);
   }
 
   beforeMerge(_into: UserRecord, from: UserRecord, ctx: OperatorContext): void {
@@ -559,14 +1021,11 @@ export class SegmentOperator implements Operator {
     for (let s = 0; s < u.member.length; s++) {
       if (u.member[s] === 0) continue;
       const sg = this.program.segments[s]!;
-      ctx.emit(Topic.segmentChange, crmstream.v1.SegmentChange.encode({
-        user_id: from.id, segment_id: sg.id, change: 'exit', enter: false, event_ts: Number.isFinite(ctx.watermark) ? ctx.watermark : 0, cause: 'merge',
-        tier: sg.tiers[u.member[s]! - 1]!, previous_tier: sg.tiers[u.member[s]! - 1]!,
-      }).finish());
-      this.sizes.change(s, u.member[s]! - 1, -1, ctx.watermark);
+      const tier = sg.tiers[u.member[s]! - 1]!;
+      this.emitChange(ctx, from.id, sg.id, 1, tier, tier, ctx.watermark, 'merge');
+      this.sizes.change(sg, u.member[s]! - 1, -1, ctx.watermark);
       u.member[s] = 0;
       u.since[s] = Number.NaN;
-      this.changes++;
     }
     if (!Number.isNaN(u.timerTs)) ctx.timers.cancel(from.id, SEG_TIMER, u.timerTs);
     u.timerTs = Number.NaN;
@@ -574,6 +1033,17 @@ export class SegmentOperator implements Operator {
 
   snapshot(ops: WriteOp[]): void {
     this.sizes.snapshot(ops);
+    if (!this.stateDirty) return;
+    const types: Record<string, [number | string, number | string, number]> = {};
+    for (const [name, v] of this.prov.types) types[name] = [encInstant(v.recordedFrom), encInstant(v.listedFrom), v.keepMs];
+    const state = {
+      layouts: this.layouts, layout: this.layoutNo, types,
+      attrs: Object.fromEntries([...this.prov.attrs].map(([k, v]) => [k, encInstant(v)])), basics: encInstant(this.prov.basics),
+      building: Object.fromEntries([...this.building].map(([k, v]) => [k, encInstant(v)])),
+      scan: this.scan === null ? null : { ...this.scan, seedAt: encInstant(this.scan.seedAt) },
+    };
+    ops.push({ type: 'put', key: STATE_KEY, value: new TextEncoder().encode(JSON.stringify(state)) });
+    this.stateDirty = false;
   }
 
   async close(): Promise<void> {}
@@ -600,15 +1070,17 @@ export class SegmentOperator implements Operator {
 }
 
 /**
- * The per-user slot for a program's layout. Merging folds the anonymous profile's facts in (the
- * membership is then re-evaluated by afterMerge).
+ * The per-user slot. Records carry the number of the rule layout they were written in, so a
+ * record from before a reload is read through `migrate`. Merging folds the anonymous profile's
+ * facts in (the membership is then re-evaluated by afterMerge).
  */
-function makeSlot(nTypes: number, nAttrs: number, nSegs: number): StateSlot<SegUser> {
+function makeSlot(op: SegmentOperator): StateSlot<SegUser> {
+  const sizes = (): [number, number, number] => [op.program.types.size, op.program.attrs.size, op.program.segments.length];
   return {
     id: 3,
-    create: () => new SegUser(nTypes, nAttrs, nSegs),
+    create: () => new SegUser(...sizes()),
     encode(u, w: BinWriter) {
-      w.uint(nTypes).uint(nAttrs).uint(nSegs);
+      w.uint(op.currentLayout);
       for (const h of u.hist) {
         if (h === null) {
           w.u8(0);
@@ -626,53 +1098,14 @@ function makeSlot(nTypes: number, nAttrs: number, nSegs: number): StateSlot<SegU
         for (let i = 0; i < a.ts.length; i++) w.uint(a.ts[i]!).str(a.val[i]!);
       }
       w.optUint(u.signupTs).optUint(u.firstTs).optUint(u.timerTs);
-      for (let s = 0; s < nSegs; s++) {
+      for (let s = 0; s < u.member.length; s++) {
         w.uint(u.member[s]!).optUint(u.since[s]!);
         w.optUint(u.next[s] === NEVER ? Number.NaN : u.next[s]!);
       }
     },
-    decode(r: BinReader) {
-      const nt = r.uint();
-      const na = r.uint();
-      const ns = r.uint();
-      const u = new SegUser(nTypes, nAttrs, nSegs);
-      // A record written under another rule layout is read as empty: the reload path rebuilds it.
-      if (nt !== nTypes || na !== nAttrs || ns !== nSegs) return u;
-      for (let k = 0; k < nt; k++) {
-        if (r.u8() === 0) continue;
-        const h = new TypeHist();
-        h.preCount = r.uint();
-        h.preSum = r.f64();
-        h.preMax = r.optUint();
-        const n = r.uint();
-        for (let i = 0; i < n; i++) {
-          h.ts.push(r.uint());
-          h.amt.push(r.f64());
-        }
-        u.hist[k] = h;
-      }
-      for (let k = 0; k < na; k++) {
-        if (r.u8() === 0) continue;
-        const a = new AttrHist();
-        const n = r.uint();
-        for (let i = 0; i < n; i++) {
-          a.ts.push(r.uint());
-          a.val.push(r.str());
-        }
-        u.attrs[k] = a;
-      }
-      u.signupTs = r.optUint();
-      u.firstTs = r.optUint();
-      u.timerTs = r.optUint();
-      for (let s = 0; s < ns; s++) {
-        u.member[s] = r.uint();
-        u.since[s] = r.optUint();
-        const nx = r.optUint();
-        u.next[s] = Number.isNaN(nx) ? NEVER : nx;
-      }
-      return u;
-    },
+    decode: (r: BinReader) => op.decodeUser(r),
     merge(into, from) {
+      const [nTypes, nAttrs] = sizes();
       for (let k = 0; k < nTypes; k++) {
         const f = from.hist[k]!;
         if (f === null) continue;
@@ -699,6 +1132,44 @@ function makeSlot(nTypes: number, nAttrs: number, nSegs: number): StateSlot<SegU
       if (!Number.isNaN(from.firstTs) && !(into.firstTs <= from.firstTs)) into.firstTs = from.firstTs;
     },
   };
+}
+
+/** A user's segment state as written under a layout of these sizes. */
+function readUser(r: BinReader, nt: number, na: number, ns: number): SegUser {
+  const u = new SegUser(nt, na, ns);
+  for (let k = 0; k < nt; k++) {
+    if (r.u8() === 0) continue;
+    const h = new TypeHist();
+    h.preCount = r.uint();
+    h.preSum = r.f64();
+    h.preMax = r.optUint();
+    const n = r.uint();
+    for (let i = 0; i < n; i++) {
+      h.ts.push(r.uint());
+      h.amt.push(r.f64());
+    }
+    u.hist[k] = h;
+  }
+  for (let k = 0; k < na; k++) {
+    if (r.u8() === 0) continue;
+    const a = new AttrHist();
+    const n = r.uint();
+    for (let i = 0; i < n; i++) {
+      a.ts.push(r.uint());
+      a.val.push(r.str());
+    }
+    u.attrs[k] = a;
+  }
+  u.signupTs = r.optUint();
+  u.firstTs = r.optUint();
+  u.timerTs = r.optUint();
+  for (let s = 0; s < ns; s++) {
+    u.member[s] = r.uint();
+    u.since[s] = r.optUint();
+    const nx = r.optUint();
+    u.next[s] = Number.isNaN(nx) ? NEVER : nx;
+  }
+  return u;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -729,9 +1200,12 @@ class SizeLog {
   private readonly cells = new Map<string, [number, number]>();
   private readonly dirty = new Set<string>();
 
-  constructor(cal: Calendar, segments: readonly CompiledSegment[]) {
+  /** The segments in effect (row order; set by the operator on every rule change). */
+  segments: readonly CompiledSegment[] = [];
+  private pending: [string, boolean, string | null, string | null, number][] = [];
+
+  constructor(cal: Calendar) {
     this.cal = cal;
-    this.segments = segments;
   }
 
   async open(store: KvStore): Promise<void> {
@@ -752,24 +1226,23 @@ class SizeLog {
     this.dirty.add(key);
   }
 
-  /** Segment `s` went from tier `from` to tier `to` (−1 = out) at instant t. Settled into cells lazily. */
-  change(s: number, from: number, to: number, t: number): void {
-    const day = Number.isFinite(t) ? this.cal.dayOf(t) : 0;
-    this.pending.push([s, from, to, day]);
+  /** Segment `sg` went from tier `from` to tier `to` (−1 = out) at instant t. Settled into cells lazily. */
+  change(sg: CompiledSegment, from: number, to: number, t: number): void {
+    this.changeNamed(sg.id, sg.tiers.length > 1 || sg.tiers[0] !== '', from < 0 ? null : sg.tiers[from]!, to < 0 ? null : sg.tiers[to]!, t);
   }
 
-  private pending: [number, number, number, number][] = [];
-  private readonly segments: readonly CompiledSegment[];
+  /** The same by names (also for segments a reload removed). */
+  changeNamed(id: string, tiered: boolean, from: string | null, to: string | null, t: number): void {
+    this.pending.push([id, tiered, from, to, Number.isFinite(t) ? this.cal.dayOf(t) : 0]);
+  }
 
   private settle(): void {
-    for (const [s, from, to, day] of this.pending) {
-      const sg = this.segments[s]!;
-      const tiered = sg.tiers.length > 1 || sg.tiers[0] !== '';
-      if (from < 0) this.bump(sg.id, '*', day, 1, 0);
-      if (to < 0) this.bump(sg.id, '*', day, 0, 1);
+    for (const [id, tiered, from, to, day] of this.pending) {
+      if (from === null) this.bump(id, '*', day, 1, 0);
+      if (to === null) this.bump(id, '*', day, 0, 1);
       if (tiered) {
-        if (from >= 0) this.bump(sg.id, sg.tiers[from]!, day, 0, 1);
-        if (to >= 0) this.bump(sg.id, sg.tiers[to]!, day, 1, 0);
+        if (from !== null) this.bump(id, from, day, 0, 1);
+        if (to !== null) this.bump(id, to, day, 1, 0);
       }
     }
     this.pending = [];
