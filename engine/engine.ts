@@ -138,6 +138,8 @@ export class Engine {
   private failure: unknown = null;
   /** Timers that fired for a kind no operator owns (config changed): counted, not lost silently. */
   orphanTimers = 0;
+  /** Segment scans (after a rule reload) a restart found unfinished and resumed. */
+  private segmentScanResumes = 0;
 
   private constructor(config: EngineConfig, store: KvStore, opts: EngineOptions) {
     this.config = config;
@@ -249,7 +251,8 @@ export class Engine {
       const pending = this.segments.reconcile({
         fresh, gap: !fresh && meta?.segmentsOn !== true, watermark: this.wm, maxTs: this.maxTs, profileSlot: this.profileSlotIndex,
       });
-      if (pending) await this.runSegmentScan();
+      if (pending === 'resume') this.segmentScanResumes++;
+      if (pending !== 'none') await this.runSegmentScan();
     }
   }
 
@@ -665,6 +668,11 @@ export class Engine {
     }
   }
 
+  /** The configured segment definitions in effect (built-ins not included). */
+  get segmentDefinitions(): readonly SegmentDef[] {
+    return this.segmentDefs;
+  }
+
   /** Per segment: live, or building until the watermark reaches `ready_at` (after a reload). */
   segmentStatus(): SegmentStatus[] {
     return this.segmentOperator().status();
@@ -767,7 +775,7 @@ export class Engine {
       identityConflicts: this.identity.conflicts, dedupeIds: this.dedupe.size, outboxAppended: this.outbox.appended,
       kpiUpdates: this.kpi?.updates ?? 0, kpiCorrections: this.kpi?.corrections ?? 0, kpiLiveCells: this.kpi?.liveCells ?? 0,
       kpiCellsCompacted: this.kpi?.cellsCompacted ?? 0, segmentChanges: this.segments?.changes ?? 0,
-      segmentEvaluations: this.segments?.evaluations ?? 0,
+      segmentEvaluations: this.segments?.evaluations ?? 0, segmentScanResumes: this.segmentScanResumes,
     };
   }
 

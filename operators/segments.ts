@@ -578,9 +578,9 @@ export class SegmentOperator implements Operator {
 
   /**
    * Reconciles the configured rules with the stored segment state once the store is open: resumes
-   * an unfinished scan, or treats different rules as a reload. Returns whether a scan is pending.
+   * an unfinished scan, or treats different rules as a reload. Says which scan is pending, if any.
    */
-  reconcile(input: SegmentReconcileInput): boolean {
+  reconcile(input: SegmentReconcileInput): 'none' | 'resume' | 'reload' {
     this.profileSlot = input.profileSlot;
     const next = this.program;
     const st = this.stored;
@@ -606,23 +606,23 @@ export class SegmentOperator implements Operator {
       for (const name of next.attrs.keys()) this.prov.attrs.set(name, Number.NEGATIVE_INFINITY);
       this.stateDirty = true;
       this.refreshLive();
-      return false;
+      return 'none';
     }
     if (input.gap || st === null) {
       // Events went by without the segment state: nothing it holds is complete any more.
       this.prov = { types: new Map(), attrs: new Map(), basics: NEVER };
       this.building.clear();
       this.switchTo(next, input.watermark, input.maxTs, true);
-      return true;
+      return 'reload';
     }
     const current = this.layouts[this.layoutNo]!;
     const same = current.segs.length === next.segments.length && current.segs.every((s, i) => s.key === next.segments[i]!.key);
     if (!same) {
       this.switchTo(next, input.watermark, input.maxTs, false);
-      return true;
+      return 'reload';
     }
     this.refreshLive();
-    return this.scan !== null;
+    return this.scan === null ? 'none' : 'resume';
   }
 
   /**

@@ -44,8 +44,9 @@ export const SHARED_DATA = path.resolve(PROJECT_ROOT, '../shared/data');
  * Starts `node args…` and SIGKILLs it `delayMs` after it says it has started processing (a line
  * matching `ready` on stdout or stderr), so kills land in processing, not in reading the input.
  * Resolves true if it was killed, false if it had finished first; rejects on any other exit.
+ * `log` gets everything it printed.
  */
-export function runAndKill(args: string[], ready: RegExp, delayMs: number): Promise<boolean> {
+export function runAndKill(args: string[], ready: RegExp, delayMs: number, log?: (output: string) => void): Promise<boolean> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let output = '';
@@ -58,6 +59,7 @@ export function runAndKill(args: string[], ready: RegExp, delayMs: number): Prom
     child.stderr.on('data', onData);
     child.on('exit', (code, signal) => {
       clearTimeout(timer);
+      log?.(output);
       if (signal === 'SIGKILL') resolve(true);
       else if (code === 0) resolve(false);
       else reject(new Error(`exit ${code}: ${output}`));
