@@ -193,6 +193,8 @@ export class SegmentProgram {
   private readonly readers: number[][] = [];
   readonly activityDeps = new Set<number>();
   readonly birthdayMonth: boolean;
+  /** Some rule reads another segment (inSegment). */
+  readonly hasReaders: boolean;
   private readonly cal: Calendar;
   readonly scratch: Scratch;
   private usesBirthday = false;
@@ -223,6 +225,7 @@ export class SegmentProgram {
       byId.set(d.id, s);
     });
     this.birthdayMonth = this.usesBirthday;
+    this.hasReaders = this.readers.some((r) => r.length > 0);
     this.scratch = { tier: new Int32Array(this.segments.length), next: new Float64Array(this.segments.length) };
   }
 
@@ -982,10 +985,13 @@ export class SegmentOperator implements Operator {
     }
     let due = NEVER;
     for (let s = 0; s < u.next.length; s++) if (u.next[s]! < due) due = u.next[s]!;
-    if (due !== u.timerTs && !(Number.isNaN(u.timerTs) && due === NEVER)) {
+    // The timer only ever moves earlier. A change that pushes the next instant later (a new cart, a
+    // new purchase) keeps the registered one: it fires early, finds nothing due and registers the
+    // real instant — one spare firing per period instead of a cancel and a register per event.
+    if (due < u.timerTs || (Number.isNaN(u.timerTs) && due !== NEVER)) {
       if (!Number.isNaN(u.timerTs)) ctx.timers.cancel(rec.id, SEG_TIMER, u.timerTs);
-      if (due !== NEVER) ctx.timers.register(rec.id, SEG_TIMER, due);
-      u.timerTs = due === NEVER ? Number.NaN : due;
+      ctx.timers.register(rec.id, SEG_TIMER, due);
+      u.timerTs = due;
     }
   }
 
@@ -1004,7 +1010,7 @@ export class SegmentOperator implements Operator {
     const due: number[] = [];
     for (let s = 0; s < u.next.length; s++) if (u.next[s]! <= ts) due.push(s);
     // Dependents of a due segment are evaluated with it (inSegment).
-    this.evaluate(rec, u, this.program.withReaders(due), ts, 'timer', ctx);
+    this.evaluate(rec, u, due.length === 0 || !this.program.hasReaders ? due : this.program.withReaders(due), ts, 'timer', ctx);
   }
 
   /** Identity stitch: after the fold, the member's segments are re-evaluated at the watermark. */
