@@ -83,6 +83,15 @@ export const ConfigSchema = z.object({
     /** Segment changes as jsonl (default `<dataDir>/segment-changes.jsonl`; null with no dataDir: outbox only). */
     changesPath: z.string().nullable().default(null),
   }).prefault({}),
+  campaigns: z.object({
+    /**
+     * A campaign document (docs/CAMPAIGNS.md: `{campaigns, caps, quietHours, attribution, consent}`),
+     * validated when the engine starts; null: no campaigns. Needs segments on.
+     */
+    definitions: z.unknown().nullable().default(null),
+    /** Triggers as jsonl (default `<dataDir>/triggers.jsonl`; null with no dataDir: outbox only). */
+    triggersPath: z.string().nullable().default(null),
+  }).prefault({}),
   /** Rows per batch handed through the pipeline (default 4096). */
   batchRows: z.number().int().min(1).max(1 << 20).default(4096),
 }).superRefine((c, ctx) => {
@@ -91,6 +100,9 @@ export const ConfigSchema = z.object({
   }
   if (c.state.backend === 'level' && c.dataDir === null) {
     ctx.addIssue({ code: 'custom', path: ['dataDir'], message: 'the level backend needs a dataDir' });
+  }
+  if (c.campaigns.definitions !== null && !c.segments.enabled) {
+    ctx.addIssue({ code: 'custom', path: ['campaigns'], message: 'campaigns need segments.enabled (audiences and segment triggers are segments)' });
   }
   if (!isValidTimeZone(c.time.timeZone)) {
     ctx.addIssue({ code: 'custom', path: ['time', 'timeZone'], message: `unknown IANA time zone '${c.time.timeZone}' (e.g. Asia/Seoul, UTC)` });

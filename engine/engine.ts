@@ -18,6 +18,8 @@ import { ANON_PREFIX, type Operator, type StateSlot, type UserRecord } from '../
 import { KpiOperator } from '../operators/kpi.js';
 import { parseSegments, withBuiltins, type SegmentDef } from '../operators/segment-rules.js';
 import { SegmentOperator, type SegmentReloadReport, type SegmentSizeRow, type SegmentStatus } from '../operators/segments.js';
+import { CampaignOperator, type CampaignRow } from '../operators/campaigns.js';
+import { parseCampaigns } from '../operators/campaign-rules.js';
 import type { CohortGrain, CohortKind, CohortRow, FunnelRow, KpiGrain, KpiRow } from '../operators/kpi-rows.js';
 import { ProfileOperator, profileView, type ProfileState, type ProfileView } from '../operators/profile.js';
 import { openStore } from '../state/index.js';
@@ -105,6 +107,7 @@ export class Engine {
   private readonly mergeAware: readonly Operator[];
   private readonly kpi: KpiOperator | null;
   private readonly segments: SegmentOperator | null;
+  private readonly campaigns: CampaignOperator | null;
   /** The configured segment definitions in effect (before built-ins); changed by reloadSegments. */
   private segmentDefs: SegmentDef[];
   /** The per-user state slots, in record order (operators without per-user state have none). */
@@ -151,7 +154,15 @@ export class Engine {
     this.segments = config.segments.enabled
       ? new SegmentOperator(withBuiltins(this.segmentDefs), { timeZone: config.time.timeZone, allowedLatenessMs: config.time.allowedLatenessMs })
       : null;
-    this.operators = [profileOp, ...(this.kpi === null ? [] : [this.kpi]), ...(this.segments === null ? [] : [this.segments]), ...(opts.operators ?? [])];
+    this.campaigns = config.campaigns.definitions === null || this.segments === null
+      ? null
+      : new CampaignOperator(parseCampaigns(config.campaigns.definitions, this.segments.tierNames(), 'campaigns.definitions'), this.segments, {
+        timeZone: config.time.timeZone, allowedLatenessMs: config.time.allowedLatenessMs,
+      });
+    this.operators = [
+      profileOp, ...(this.kpi === null ? [] : [this.kpi]), ...(this.segments === null ? [] : [this.segments]),
+      ...(this.campaigns === null ? [] : [this.campaigns]), ...(opts.operators ?? []),
+    ];
     this.mergeAware = this.operators.filter((op) => op.beforeMerge !== undefined && op.afterMerge !== undefined);
     const slots: StateSlot<unknown>[] = [];
     for (const op of this.operators) {
@@ -179,6 +190,8 @@ export class Engine {
     if (dlPath !== null) this.outbox.addSink(new JsonlFileSink('deadletter', [Topic.deadLetter], dlPath, formatDeadLetter));
     const segPath = config.segments.changesPath ?? (config.dataDir === null ? null : path.join(config.dataDir, 'segment-changes.jsonl'));
     if (segPath !== null && this.segments !== null) this.outbox.addSink(new JsonlFileSink('segment-changes', [Topic.segmentChange], segPath, formatSegmentChange));
+    const trigPath = config.campaigns.triggersPath ?? (config.dataDir === null ? null : path.join(config.dataDir, 'triggers.jsonl'));
+    if (trigPath !== null && this.campaigns !== null) this.outbox.addSink(new JsonlFileSink('triggers', [Topic.trigger], trigPath, formatTrigger));
     for (const s of opts.sinks ?? []) this.outbox.addSink(s);
   }
 
@@ -711,6 +724,29 @@ export class Engine {
     }
   }
 
+  /**
+   * Campaign KPI rows per (campaign, variant, local day of the decision): eligible, sent, control,
+   * suppressed by reason, deferred, outcomes reported back, conversions and revenue within the
+   * attribution window (docs/CAMPAIGNS.md). `campaignReport` (api/campaign-report.ts) adds totals
+   * and statistics.
+   */
+  campaignRows(): CampaignRow[] {
+    if (this.campaigns === null) throw new CrmError('CAMPAIGNS_DISABLED', 'no campaigns are configured in this engine (campaigns.definitions)');
+    return this.campaigns.rows();
+  }
+
+  /** The campaign operator (definitions, for reports), or null. */
+  get campaignOperator(): CampaignOperator | null {
+    return this.campaigns;
+  }
+
+  /** Listens to committed triggers (after the checkpoint that made them durable), decoded. */
+  onTrigger(fn: (t: crmstream.v1.Trigger, seq: number) => void): void {
+    this.outbox.listen((r) => {
+      if (r.topic === Topic.trigger) fn(crmstream.v1.Trigger.decode(r.payload), r.seq);
+    });
+  }
+
   /** Segment ids in definition order (built-ins first). */
   segmentIds(): string[] {
     return this.segmentOperator().ids;
@@ -776,6 +812,7 @@ export class Engine {
       kpiUpdates: this.kpi?.updates ?? 0, kpiCorrections: this.kpi?.corrections ?? 0, kpiLiveCells: this.kpi?.liveCells ?? 0,
       kpiCellsCompacted: this.kpi?.cellsCompacted ?? 0, segmentChanges: this.segments?.changes ?? 0,
       segmentEvaluations: this.segments?.evaluations ?? 0, segmentScanResumes: this.segmentScanResumes,
+      triggers: this.campaigns?.triggers ?? 0,
     };
   }
 
@@ -826,6 +863,15 @@ function rowToEvent(b: EventColumns, i: number): crmstream.v1.IEvent {
     ts: Number.isFinite(ts) ? Math.trunc(ts) : 0, amount: Number.isFinite(b.amount[i]!) ? b.amount[i]! : 0,
     currency: b.currency[i]!, order_id: b.orderId[i]!, channel: b.channel[i]!, platform: b.platform[i]!,
     campaign_id: b.campaignId[i]!, variant: b.variant[i]!, trigger_id: b.triggerId[i]!, props: b.props[i] ?? {},
+  };
+}
+
+/** A trigger as a JSON line (docs/CAMPAIGNS.md). */
+export function formatTrigger(r: OutboxRecord): Record<string, unknown> {
+  const t = crmstream.v1.Trigger.decode(r.payload);
+  return {
+    seq: r.seq, trigger_id: t.trigger_id, campaign_id: t.campaign_id, variant: t.variant, control: t.control, user_id: t.user_id,
+    channels: t.channels, template_id: t.template_id, params: t.params, reason: t.reason, ts: Number(t.event_ts), send_after: Number(t.send_after_ts),
   };
 }
 

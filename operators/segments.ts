@@ -487,6 +487,12 @@ const STATE_KEY = 'm/segments';
 // ---------------------------------------------------------------------------------------------
 
 export const SEG_TIMER = 'seg';
+
+/**
+ * A membership change, as it is made. `row` is the batch row whose event caused it (−1: a timer,
+ * an identity merge or a reload), so a listener can order its own work by row.
+ */
+export type SegmentListener = (rec: UserRecord, segment: string, change: 'enter' | 'exit' | 'tier_change', tier: string, previousTier: string, t: number, row: number, cause: string) => void;
 const CHANGE_KIND = ['enter', 'exit', 'tier_change'] as const;
 
 export interface SegmentOptions {
@@ -546,6 +552,8 @@ export class SegmentOperator implements Operator {
   /** Membership changes since start (metrics). */
   changes = 0;
   evaluations = 0;
+  /** Told of every membership change as it is made (campaign triggers). */
+  listener: SegmentListener | null = null;
 
   constructor(defs: readonly SegmentDef[], opts: SegmentOptions) {
     this.opts = opts;
@@ -756,7 +764,7 @@ export class SegmentOperator implements Operator {
     if (scan.seed.length > 0) this.seed(rec, u, scan, t - this.opts.allowedLatenessMs);
     if (u.dropped !== null) {
       for (const [id, tier, tiered] of u.dropped) {
-        this.emitChange(ctx, rec.id, id, 1, tier, tier, t, scan.cause);
+        this.emitChange(ctx, rec, id, 1, tier, tier, t, scan.cause);
         this.sizes.changeNamed(id, tiered, tier, null, t);
       }
       u.dropped = null;
@@ -773,7 +781,7 @@ export class SegmentOperator implements Operator {
       const m = u.member[s]!;
       if (m > 0) {
         const sg = this.program.segments[s]!;
-        this.emitChange(ctx, rec.id, sg.id, 1, sg.tiers[m - 1]!, sg.tiers[m - 1]!, t, scan.cause);
+        this.emitChange(ctx, rec, sg.id, 1, sg.tiers[m - 1]!, sg.tiers[m - 1]!, t, scan.cause);
         this.sizes.change(sg, m - 1, -1, t);
         u.member[s] = 0;
         u.since[s] = Number.NaN;
@@ -904,7 +912,7 @@ export class SegmentOperator implements Operator {
       const pr = props[i];
       if (pr != null) for (const [key, ai] of this.propAttrs) { const v = pr[key]; if (v !== undefined) this.setAttr(u, ai, t, v, keepFloor); }
       const segs = first ? this.liveSegments : this.affected(name, activity);
-      if (segs.length > 0) this.evaluate(rec, u, segs, ctx.watermark, `event:${name}`, ctx);
+      if (segs.length > 0) this.evaluate(rec, u, segs, ctx.watermark, `event:${name}`, ctx, i);
     }
   }
 
@@ -947,7 +955,7 @@ export class SegmentOperator implements Operator {
    * Evaluates segments `segs` (ascending) for one user at instant t, writes a SegmentChange for
    * every change, and moves the user's timer to the earliest next change.
    */
-  private evaluate(rec: UserRecord, u: SegUser, segs: readonly number[], t: number, cause: string, ctx: OperatorContext): void {
+  private evaluate(rec: UserRecord, u: SegUser, segs: readonly number[], t: number, cause: string, ctx: OperatorContext, row = -1): void {
     const p = this.program;
     const scratch = p.scratch;
     // Segments not re-evaluated keep their current tier for inSegment readers.
@@ -980,7 +988,7 @@ export class SegmentOperator implements Operator {
         u.member[s] = tier + 1;
         if (kind !== 2) u.since[s] = tier < 0 ? Number.NaN : t;
         this.sizes.change(sg, before, tier, t);
-        this.emitChange(ctx, rec.id, sg.id, kind, tier < 0 ? sg.tiers[before]! : sg.tiers[tier]!, before < 0 ? '' : sg.tiers[before]!, t, cause);
+        this.emitChange(ctx, rec, sg.id, kind, tier < 0 ? sg.tiers[before]! : sg.tiers[tier]!, before < 0 ? '' : sg.tiers[before]!, t, cause, row);
       }
     }
     let due = NEVER;
@@ -996,10 +1004,11 @@ export class SegmentOperator implements Operator {
   }
 
   /** One SegmentChange record (kind: 0 enter, 1 exit, 2 tier_change) into the outbox. */
-  private emitChange(ctx: OperatorContext, user: string, segment: string, kind: number, tier: string, previous: string, t: number, cause: string): void {
+  private emitChange(ctx: OperatorContext, rec: UserRecord, segment: string, kind: number, tier: string, previous: string, t: number, cause: string, row = -1): void {
     this.changes++;
+    this.listener?.(rec, segment, CHANGE_KIND[kind]!, tier, previous, t, row, cause);
     ctx.emit(Topic.segmentChange, crmstream.v1.SegmentChange.encode({
-      user_id: user, segment_id: segment, change: CHANGE_KIND[kind], enter: kind === 0, event_ts: Number.isFinite(t) ? t : 0, cause,
+      user_id: rec.id, segment_id: segment, change: CHANGE_KIND[kind], enter: kind === 0, event_ts: Number.isFinite(t) ? t : 0, cause,
       tier, previous_tier: previous,
     }).finish());
   }
@@ -1028,7 +1037,7 @@ export class SegmentOperator implements Operator {
       if (u.member[s] === 0) continue;
       const sg = this.program.segments[s]!;
       const tier = sg.tiers[u.member[s]! - 1]!;
-      this.emitChange(ctx, from.id, sg.id, 1, tier, tier, ctx.watermark, 'merge');
+      this.emitChange(ctx, from, sg.id, 1, tier, tier, ctx.watermark, 'merge');
       this.sizes.change(sg, u.member[s]! - 1, -1, ctx.watermark);
       u.member[s] = 0;
       u.since[s] = Number.NaN;
@@ -1062,6 +1071,19 @@ export class SegmentOperator implements Operator {
   /** Segment ids in definition order. */
   get ids(): string[] {
     return this.program.segments.map((s) => s.id);
+  }
+
+  /** Whether a user is in segment `id` (in tier `tier` if given) now. */
+  isMember(rec: UserRecord, id: string, tier?: string): boolean {
+    const s = this.segIndexById.get(id);
+    if (s === undefined) return false;
+    const m = (rec.slots[this.slotIndex] as SegUser).member[s]!;
+    return m > 0 && (tier === undefined || this.program.segments[s]!.tiers[m - 1] === tier);
+  }
+
+  /** Segment id → tier names ([''] for an untiered one), in definition order. */
+  tierNames(): Map<string, readonly string[]> {
+    return new Map(this.program.segments.map((s) => [s.id, s.tiers]));
   }
 
   /** A user's memberships: segment id → { tier, since }. */
