@@ -6,6 +6,7 @@ import { performance } from 'node:perf_hooks';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import cliProgress from 'cli-progress';
 import { Engine, type SourceItem } from '../engine/engine.js';
+import { campaignReport } from '../operators/campaign-report.js';
 import { CrmError } from '../engine/errors.js';
 import type { ConfigInput } from '../engine/config.js';
 import { parseTimestamp } from '../engine/codec.js';
@@ -30,24 +31,29 @@ function readJsonFile(file: string, what: string): unknown {
   }
 }
 
-function loadConfig(file: string | undefined, dataDir: string | undefined, tz: string | undefined, segments?: string): ConfigInput {
+function loadConfig(file: string | undefined, dataDir: string | undefined, tz: string | undefined, segments?: string, campaigns?: string): ConfigInput {
   const base = (file === undefined ? {} : readJsonFile(file, 'config file')) as ConfigInput & { time?: Record<string, unknown> };
   const cfg: ConfigInput = { ...base };
   if (dataDir !== undefined) cfg.dataDir = dataDir;
   if (tz !== undefined) cfg.time = { ...(base.time ?? {}), timeZone: tz };
   if (segments !== undefined) cfg.segments = { ...(base.segments ?? {}), definitions: readSegmentFile(segments) };
+  if (campaigns !== undefined) cfg.campaigns = { ...(base.campaigns ?? {}), definitions: readDocument(campaigns, 'campaign file') };
   return cfg;
+}
+
+/** A JSON document, or YAML for .yaml/.yml. */
+function readDocument(file: string, what: string): unknown {
+  try {
+    const text = readFileSync(file, 'utf8');
+    return /\.ya?ml$/i.test(file) ? parseYaml(text) : JSON.parse(text);
+  } catch (err) {
+    throw new CrmError('CONFIG_INVALID', `${what} ${file}: ${(err as Error).message}`, { cause: err });
+  }
 }
 
 /** A segment rule file (docs/SEGMENTS.md): JSON, or YAML for .yaml/.yml; `{segments: [...]}` or the bare list. */
 function readSegmentFile(file: string): unknown[] {
-  let doc: unknown;
-  try {
-    const text = readFileSync(file, 'utf8');
-    doc = /\.ya?ml$/i.test(file) ? parseYaml(text) : JSON.parse(text);
-  } catch (err) {
-    throw new CrmError('CONFIG_INVALID', `segment file ${file}: ${(err as Error).message}`, { cause: err });
-  }
+  const doc = readDocument(file, 'segment file');
   const list = Array.isArray(doc) ? doc : (doc as { segments?: unknown } | null)?.segments;
   if (!Array.isArray(list)) throw new CrmError('CONFIG_INVALID', `segment file ${file}: expected {"segments": [...]} (docs/SEGMENTS.md)`);
   return list;
@@ -61,8 +67,9 @@ function isoTime(value: string): number {
 
 async function backfill(opts: {
   dataDir: string; input: string[]; format?: InputFormat; map?: string; tz?: string; config?: string; asOf?: number; progress: boolean; segments?: string;
+  campaigns?: string;
 }): Promise<void> {
-  const config = loadConfig(opts.config, opts.dataDir, opts.tz, opts.segments);
+  const config = loadConfig(opts.config, opts.dataDir, opts.tz, opts.segments, opts.campaigns);
   const started = performance.now();
   const engine = await Engine.create(config);
   const tz = engine.config.time.timeZone;
@@ -102,10 +109,37 @@ async function backfill(opts: {
     rows: input.total, resumed_from_row: startRow, accepted: stats['accepted'], rejected,
     rejects: Object.fromEntries(Object.entries(rejects).filter(([, n]) => n > 0)),
     watermark: Number.isFinite(stats['watermark']) ? new Date(stats['watermark']!).toISOString() : null,
-    aliases_this_run: stats['aliases'], timers_fired_this_run: stats['timersFired'],
+    aliases_this_run: stats['aliases'], timers_fired_this_run: stats['timersFired'], triggers_this_run: stats['triggers'],
     seconds: Number(secs.toFixed(3)), rows_per_s: Math.round((input.total - startRow) / secs),
   };
   process.stdout.write(JSON.stringify(report) + '\n');
+}
+
+/**
+ * `simulate`: the campaigns over the inputs in an in-memory engine (nothing sent, nothing kept),
+ * then the campaign report as JSON: per campaign, arms with totals and statistics, and per day
+ * the triggers, suppressions and deferrals.
+ */
+async function simulate(opts: { campaigns: string; input: string[]; format?: InputFormat; map?: string; tz?: string; config?: string; segments?: string; asOf?: number }): Promise<void> {
+  const config = loadConfig(opts.config, undefined, opts.tz, opts.segments, opts.campaigns);
+  const engine = await Engine.create({ ...config, dataDir: null, state: { ...(config.state ?? {}), backend: 'memory' }, deadLetter: { ...(config.deadLetter ?? {}), path: null } });
+  try {
+    const tz = engine.config.time.timeZone;
+    const format: InputFormat = opts.format ?? (opts.input.every((f) => f.endsWith('.csv')) ? 'csv' : 'jsonl');
+    const map = opts.map === undefined ? null : parseMap(readJsonFile(opts.map, 'map file'));
+    const input = await SortedInput.load(opts.input, { format, map, tz });
+    async function* items(): AsyncGenerator<SourceItem> {
+      yield* input.batches(0, engine.config.batchRows);
+      yield opts.asOf === undefined ? { kind: 'end' } : { kind: 'end', asOf: opts.asOf };
+    }
+    await engine.run(items());
+    const op = engine.campaignOperator!;
+    const stats = engine.stats();
+    const report = { events: input.total, accepted: stats['accepted'], triggers: stats['triggers'], campaigns: campaignReport(engine.campaignRows(), op.definitions) };
+    process.stdout.write(JSON.stringify(report, null, 2) + '\n');
+  } finally {
+    await engine.close();
+  }
 }
 
 async function exportProfiles(opts: { dataDir: string; format: 'jsonl' | 'csv'; out?: string; config?: string }): Promise<void> {
@@ -198,8 +232,21 @@ export function buildCli(): Command {
     .option('--config <file>', 'engine configuration (JSON)')
     .option('--as-of <iso-time>', 'advance the watermark to this time at the end, firing every timer up to it', isoTime)
     .option('--segments <file>', 'segment rules (JSON or YAML, docs/SEGMENTS.md); the built-ins apply without it')
+    .option('--campaigns <file>', 'campaigns (JSON or YAML, docs/CAMPAIGNS.md): triggers go to <data-dir>/triggers.jsonl')
     .option('--no-progress', 'no progress bar even on a terminal')
     .action(async (o) => backfill(o));
+
+  program.command('simulate')
+    .description('run campaigns over history without sending: triggers per day and variant, suppressed by caps / consent / channel, deferred by quiet hours')
+    .requiredOption('--campaigns <file>', 'campaigns (JSON or YAML, docs/CAMPAIGNS.md)')
+    .requiredOption('--input <file...>', 'event files')
+    .addOption(new Option('--format <format>', 'input format (default: csv for .csv files, else jsonl)').choices(['jsonl', 'csv']))
+    .option('--map <file>', 'CSV column mapping (JSON)')
+    .option('--tz <zone>', 'time zone for zone-less timestamps and calendar windows (default Asia/Seoul)')
+    .option('--config <file>', 'engine configuration (JSON)')
+    .option('--segments <file>', 'segment rules (JSON or YAML)')
+    .option('--as-of <iso-time>', 'advance the watermark to this time at the end (follow-ups and daily slots up to it)', isoTime)
+    .action(async (o) => simulate(o));
 
   const exp = program.command('export').description('export state');
   exp.command('profiles')

@@ -63,7 +63,12 @@ export interface CampaignFile {
   quietHours: { start: string; end: string; timeZone: string } | false;
   /** A purchase within this long after the send (control: the would-be send) converts. */
   attribution: string;
-  consent: { marketing: string; channelPrefix: string };
+  /**
+   * Consent props: `marketing` (promotional messages) and `<channelPrefix><channel>`; values true /
+   * yes / y / 1 grant. `unknown`: what a user who never sent the prop counts as (default deny;
+   * 'allow' for simulating on history that carries no consent data).
+   */
+  consent: { marketing: string; channelPrefix: string; unknown: 'deny' | 'allow' };
 }
 
 const duration = z.string().refine((d) => !Number.isNaN(durationMs(d)), { message: 'a duration such as 30d, 12h, 90m, 1w' });
@@ -109,8 +114,8 @@ const campaignFile = z.strictObject({
   quietHours: z.union([z.literal(false), z.strictObject({ start: clock, end: clock, timeZone: z.string().default('Asia/Seoul') })])
     .default({ start: '21:00', end: '08:00', timeZone: 'Asia/Seoul' }),
   attribution: duration.default('3d'),
-  consent: z.strictObject({ marketing: z.string().default('consent_marketing'), channelPrefix: z.string().default('consent_') })
-    .default({ marketing: 'consent_marketing', channelPrefix: 'consent_' }),
+  consent: z.strictObject({ marketing: z.string().default('consent_marketing'), channelPrefix: z.string().default('consent_'), unknown: z.enum(['deny', 'allow']).default('deny') })
+    .default({ marketing: 'consent_marketing', channelPrefix: 'consent_', unknown: 'deny' }),
 });
 
 function audienceSegments(a: Audience, out: { segment: string; tier?: string }[]): void {

@@ -619,7 +619,7 @@ export class CampaignOperator implements Operator {
 
   private consented(u: CampUser, key: string): boolean {
     const v = u.consent.get(key)?.[1];
-    return v !== undefined && CONSENT_YES.has(v.toLowerCase());
+    return v === undefined ? this.file.consent.unknown === 'allow' : CONSENT_YES.has(v.toLowerCase());
   }
 
   /**
