@@ -231,8 +231,10 @@ interface Compiled {
 interface Cause {
   key: string;
   reason: string;
-  /** Params rendered at the cause (event fields, segment, tier). */
-  params: Record<string, string>;
+  /** The values params may use (event fields, segment, tier) — built only for a decision that sends. */
+  values: () => Record<string, string>;
+  /** Follow-ups: the params as rendered against the anchor event (JSON, per `variant.param`). */
+  anchored?: string;
 }
 
 export interface CampaignOptions {
@@ -402,11 +404,12 @@ export class CampaignOperator implements Operator {
       if (this.unlessTypes.has(name)) this.noteUnless(u, name, t, ctx.watermark);
       const evs = this.byEvent.get(name);
       if (evs !== undefined) {
-        for (const c of evs) this.decide(rec, u, c, t, { key: `e:${eventId[i]}`, reason: `event:${eventId[i]}`, params: eventParams(b, i, rec.id) }, ctx);
+        const values = (): Record<string, string> => eventParams(b, i, rec.id);
+        for (const c of evs) this.decide(rec, u, c, t, { key: `e:${eventId[i]}`, reason: `event:${eventId[i]}`, values }, ctx);
       }
       const after = this.byAfter.get(name);
       if (after !== undefined) {
-        for (const c of after) this.anchor(rec, u, c, eventId[i]!, t, eventParams(b, i, rec.id), ctx);
+        for (const c of after) this.anchor(rec, u, c, eventId[i]!, t, b, i, ctx);
       }
     }
     for (; q < queue.length; q++) {
@@ -470,7 +473,7 @@ export class CampaignOperator implements Operator {
   }
 
   /** A follow-up chain for one anchor event (a cart): its first step is scheduled. */
-  private anchor(rec: UserRecord, u: CampUser, c: Compiled, anchorId: string, t: number, params: Record<string, string>, ctx: OperatorContext): void {
+  private anchor(rec: UserRecord, u: CampUser, c: Compiled, anchorId: string, t: number, b: EventColumns, i: number, ctx: OperatorContext): void {
     const trig = c.def.trigger as { after: string; unless?: string };
     // An unless event already seen after the anchor (out of order) stops it from the start.
     let stop = NEVER;
@@ -485,7 +488,12 @@ export class CampaignOperator implements Operator {
     u.fAnchor.push(anchorId);
     u.fTs.push(t);
     u.fStep.push(0);
-    u.fParams.push(JSON.stringify(params));
+    // The anchor event's fields the params use, rendered now (the event is gone when the steps fire);
+    // placeholders it does not have ({{step}}) stay for the step to fill.
+    const values = eventParams(b, i, rec.id);
+    const rendered: Record<string, string> = {};
+    for (const v of c.variants) for (const [k, tpl] of Object.entries(v.params)) rendered[`${v.name}.${k}`] = render(tpl, values, true);
+    u.fParams.push(JSON.stringify(rendered));
     u.fStop.push(stop);
     this.reschedule(rec, u, ctx);
   }
@@ -510,7 +518,7 @@ export class CampaignOperator implements Operator {
         hit = on === 'tier_up' ? up : !up;
       }
       if (!hit || (trig.tier !== undefined && trig.tier !== tier)) continue;
-      this.decide(rec, u, c, t, { key: `s:${segment}:${change}:${tier}:${t}`, reason: `segment:${segment}:${change}${tier === '' ? '' : `:${tier}`}`, params: { user_id: rec.id, segment, tier } }, ctx);
+      this.decide(rec, u, c, t, { key: `s:${segment}:${change}:${tier}:${t}`, reason: `segment:${segment}:${change}${tier === '' ? '' : `:${tier}`}`, values: () => ({ user_id: rec.id, segment, tier }) }, ctx);
     }
     // Daily campaigns: a user who came into the audience gets the next slot.
     for (const c of this.daily) {
@@ -556,8 +564,9 @@ export class CampaignOperator implements Operator {
         u.fStep[k] = c.delays.length;
         continue;
       }
-      const params = { ...(JSON.parse(u.fParams[k]!) as Record<string, string>), step: String(step + 1) };
-      this.decide(rec, u, c, at, { key: `f:${u.fAnchor[k]}:${step}`, reason: `followup:${u.fAnchor[k]}:${step + 1}`, params }, ctx);
+      const anchored = u.fParams[k]!;
+      const values = (): Record<string, string> => ({ user_id: rec.id, step: String(step + 1) });
+      this.decide(rec, u, c, at, { key: `f:${u.fAnchor[k]}:${step}`, reason: `followup:${u.fAnchor[k]}:${step + 1}`, values, anchored }, ctx);
       u.fStep[k] = step + 1;
     }
     // Finished chains leave.
@@ -579,7 +588,8 @@ export class CampaignOperator implements Operator {
         u.daily.delete(id); // out of the audience: rescheduled when it comes back in
         continue;
       }
-      this.decide(rec, u, c, at, { key: `d:${this.cal.dayLabel(this.cal.dayOf(at))}`, reason: `daily:${this.cal.dayLabel(this.cal.dayOf(at))}`, params: { user_id: rec.id } }, ctx);
+      const label = this.cal.dayLabel(this.cal.dayOf(at));
+      this.decide(rec, u, c, at, { key: `d:${label}`, reason: `daily:${label}`, values: () => ({ user_id: rec.id }) }, ctx);
       u.daily.set(id, this.nextSlot(c, at));
     }
     this.reschedule(rec, u, ctx);
@@ -663,7 +673,11 @@ export class CampaignOperator implements Operator {
     const control = variant === null;
     const template = variant?.template ?? c.def.action.template;
     const params: Record<string, string> = {};
-    for (const [k, v] of Object.entries(variant?.params ?? c.def.action.params ?? {})) params[k] = render(v, cause.params);
+    const values = cause.values();
+    const anchored = cause.anchored === undefined ? null : (JSON.parse(cause.anchored) as Record<string, string>);
+    // The holdout renders the first variant's params (what it would have been sent).
+    const pv = variant ?? c.variants[0]!;
+    for (const [k, v] of Object.entries(pv.params)) params[k] = render(anchored?.[`${pv.name}.${k}`] ?? v, values);
     const id = triggerId(c.id, userId, cause.key);
     u.last.set(c.id, t);
     if (control) cell[FI.control]! += 1;
@@ -733,11 +747,13 @@ export class CampaignOperator implements Operator {
   private afterQuietHours(t: number): number {
     const cal = this.quietCal!;
     const { start, end } = this.quiet!;
-    const day = cal.dayOf(t);
-    const minute = Math.floor((t - cal.dayStart(day)) / 60_000);
+    // Minute of the local day from the zone offset at t: no day-start search on the common path.
+    const local = t + cal.offset(t);
+    const minute = Math.floor((((local % 86_400_000) + 86_400_000) % 86_400_000) / 60_000);
     const wraps = start > end; // 21:00–08:00 spans midnight
     const inside = wraps ? minute >= start || minute < end : minute >= start && minute < end;
     if (!inside) return t;
+    const day = Math.floor(local / 86_400_000);
     return localInstant(cal, wraps && minute >= start ? day + 1 : day, end);
   }
 
@@ -815,7 +831,8 @@ function eventParams(b: EventColumns, i: number, user: string): Record<string, s
   return out;
 }
 
-/** `{{name}}` placeholders replaced by the cause's values ('' when it has none). */
-function render(template: string, values: Readonly<Record<string, string>>): string {
-  return template.replace(/\{\{\s*([\w.:-]+)\s*\}\}/g, (_, k: string) => values[k] ?? '');
+/** `{{name}}` placeholders replaced by the cause's values ('' when it has none, or kept with `keep`). */
+function render(template: string, values: Readonly<Record<string, string>>, keep = false): string {
+  if (!template.includes('{{')) return template;
+  return template.replace(/\{\{\s*([\w.:-]+)\s*\}\}/g, (m, k: string) => values[k] ?? (keep ? m : ''));
 }
