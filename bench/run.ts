@@ -16,7 +16,7 @@ import { decodeScenario, runDecodeMicroSuite } from './decode.bench.js';
 import { engineCoreScenario, engineLevelScenario } from './engine.bench.js';
 import { restartScenario } from './restart.bench.js';
 import { segmentsCoreScenario, segmentTimersScenario } from './segments.bench.js';
-import { campaignsCoreScenario } from './campaigns.bench.js';
+import { campaigns5Scenario, campaignsCoreScenario } from './campaigns.bench.js';
 import { kpiOffScenario, kpiTableDuckScenario, kpiTableEngineScenario, lateEventsScenario } from './kpi.bench.js';
 import { markdownTable, runScenarios, writeResults, type BenchResult, type Scenario } from './harness.js';
 
@@ -31,6 +31,7 @@ export const SCENARIOS: readonly Scenario[] = [
   kpiTableDuckScenario as Scenario,
   segmentsCoreScenario as Scenario,
   segmentTimersScenario as Scenario,
+  campaigns5Scenario as Scenario,
   campaignsCoreScenario as Scenario,
   restartScenario as Scenario,
 ];
