@@ -250,7 +250,8 @@ export interface CampaignRow {
   values: Record<CampaignField, number>;
 }
 
-const CELL_PREFIX = 'c/';
+/** Campaign KPI cells: `n/<campaign>|<arm>|<day>` (outbox cursors own `c/`). */
+const CELL_PREFIX = 'n/';
 
 export class CampaignOperator implements Operator {
   readonly name = 'campaigns';
@@ -368,7 +369,7 @@ export class CampaignOperator implements Operator {
 
   async open(store: KvStore, ctx: OperatorContext): Promise<void> {
     this.ctxRef = ctx;
-    for await (const entries of store.scan({ gte: CELL_PREFIX, lt: 'c0' }, 1024)) {
+    for await (const entries of store.scan({ gte: CELL_PREFIX, lt: 'n0' }, 1024)) {
       for (const e of entries) {
         const vals = new Float64Array(NF);
         const parts = new TextDecoder().decode(e.value).split(',');

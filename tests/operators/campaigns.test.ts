@@ -3,7 +3,7 @@ import { Engine } from '../../engine/engine.js';
 import type { CampaignDef } from '../../operators/campaign-rules.js';
 import { parseCampaigns } from '../../operators/campaign-rules.js';
 import { triggerId } from '../../operators/campaigns.js';
-import { DAY, HOUR, type Ev } from '../helpers.js';
+import { DAY, HOUR, tempDir, type Ev } from '../helpers.js';
 
 /**
  * Campaigns on hand-built timelines (docs/CAMPAIGNS.md), Asia/Seoul: each trigger type with the
@@ -246,5 +246,24 @@ describe('campaign files', () => {
       .toThrow(/campaign 'y' \(#1\): trigger.*\n.*campaign 'y' \(#1\): action\.channels: at least one channel/s);
     expect(() => parseCampaigns({ campaigns: [{ id: 'z', trigger: { daily: '25:00' }, action: { template: 't', channels: ['push'] } }] }, segs))
       .toThrow(/campaign 'z'/);
+  });
+
+  it('campaign rows and per-user campaign state survive a restart of a data dir', async () => {
+    const tmp = tempDir('crm-camp-restart-');
+    try {
+      const c: CampaignDef = { id: 'c', trigger: { event: 'visit' }, reentry: 'once', action: { template: 'x', channels: ['push'] } };
+      const cfg = { dataDir: tmp.dir, time: { timeZone: 'Asia/Seoul' }, campaigns: { definitions: { campaigns: [c] } } };
+      let engine = await Engine.create(cfg);
+      await engine.ingest([ev('v1', 'visit', 'u1', T0, { props: CONSENT })]);
+      const rows = engine.campaignRows();
+      await engine.close();
+      engine = await Engine.create(cfg);
+      expect(engine.campaignRows()).toEqual(rows); // the outbox's sink cursors are not campaign rows
+      await engine.ingest([ev('v2', 'visit', 'u1', T0 + DAY)]);
+      expect(engine.campaignRows().reduce((s, r) => s + r.values.sent, 0)).toBe(1); // 'once' remembered
+      await engine.close();
+    } finally {
+      tmp.cleanup();
+    }
   });
 });
