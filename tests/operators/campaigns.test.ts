@@ -135,6 +135,15 @@ describe('guardrails', () => {
     await engine.close();
   });
 
+  it('a per-channel cap (sms once a week) and a per-campaign cap (2 a day) each hold on their own', async () => {
+    const sms: CampaignDef = { id: 'sms', trigger: { event: 'visit' }, action: { template: 'x', channels: ['sms'] } };
+    const push: CampaignDef = { id: 'push', trigger: { event: 'visit' }, action: { template: 'y', channels: ['push'] }, caps: [{ max: 2, within: '1d' }] };
+    const visits = [0, 1, 2, 3, 30].map((h) => ev(`v${h}`, 'visit', 'u1', T0 + h * HOUR, h === 0 ? { props: CONSENT } : {}));
+    const { triggers, engine } = await run([sms, push], visits, { caps: [{ scope: 'channel', channel: 'sms', max: 1, within: '7d' }] });
+    expect(triggers.map((t) => `${t.campaign}:${t.reason}`)).toEqual(['sms:event:v0', 'push:event:v0', 'push:event:v1', 'push:event:v30']);
+    await engine.close();
+  });
+
   it('quiet hours 21:00–08:00 Asia/Seoul: deferred to 08:00, across midnight; transactional ones are not', async () => {
     const promo: CampaignDef = { id: 'promo', trigger: { event: 'visit' }, action: { template: 'x', channels: ['push'] } };
     const order: CampaignDef = { id: 'order', trigger: { event: 'purchase' }, action: { template: 'receipt', channels: ['push'] }, promotional: false };
