@@ -292,8 +292,8 @@ export function buildCli(): Command {
     .action(async (o) => exportFunnel(o));
 
   program.command('demo')
-    .description('the engine fed by a realistic e-commerce traffic generator, with live stats')
-    .option('--port <port>', 'HTTP/WebSocket port (reserved for the server)', intArg, 8080)
+    .description('the whole loop in one process: traffic generator → engine → HTTP/WebSocket server and dashboard → a demo sender')
+    .option('--port <port>', 'HTTP/WebSocket port (0: any free one)', intArg, 8080)
     .option('--data-dir <dir>', 'state directory (default: a fresh temporary one)')
     .option('--rate <events_per_s>', 'generated events per second', intArg, 20_000)
     .option('--duration <seconds>', 'stop after this many seconds (default: until Ctrl-C)', intArg)

@@ -735,6 +735,13 @@ export class Engine {
     return this.campaigns.rows();
   }
 
+  /** A profile's recent triggers (by member or anonymous id); [] without campaigns, null if unknown. */
+  recentTriggers(id: string): ReturnType<CampaignOperator['recentOf']> | null {
+    const rec = this.peekProfile(id);
+    if (rec === undefined) return null;
+    return this.campaigns === null ? [] : this.campaigns.recentOf(rec);
+  }
+
   /** The campaign operator (definitions, for reports), or null. */
   get campaignOperator(): CampaignOperator | null {
     return this.campaigns;

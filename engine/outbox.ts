@@ -36,7 +36,8 @@ export interface OutboxSink {
   readonly name: string;
   /** Topics this sink wants; others are skipped (but still advance its cursor). */
   readonly topics: readonly number[];
-  open(): Promise<void>;
+  /** `store`: the engine's state store (a sink that keeps its own durable log writes there). */
+  open(store: KvStore): Promise<void>;
   deliver(records: readonly OutboxRecord[]): Promise<void>;
   close(): Promise<void>;
 }
@@ -82,7 +83,7 @@ export class Outbox {
     this.store = store;
     this.nextSeq = nextSeq;
     for (const sink of this.sinks) {
-      await sink.open();
+      await sink.open(store);
       const raw = await store.get(CURSOR_PREFIX + sink.name);
       this.cursors.set(sink.name, raw === undefined ? 0 : Number(utf8d.decode(raw)));
     }

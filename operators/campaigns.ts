@@ -787,6 +787,16 @@ export class CampaignOperator implements Operator {
     return out.sort((a, b) => (order.get(a.campaign) ?? 1e9) - (order.get(b.campaign) ?? 1e9) || cmp(a.variant, b.variant) || cmp(a.day, b.day));
   }
 
+  /** A user's recent triggers (kept for attribution and sender outcomes), oldest first. */
+  recentOf(rec: UserRecord): { trigger_id: string; campaign: string; variant: string; send_after: number; delivered: boolean; opened: boolean; clicked: boolean; converted: boolean }[] {
+    const u = rec.slots[this.slotIndex] as CampUser;
+    return u.rId.map((id, k) => ({
+      trigger_id: id, campaign: u.rCamp[k]!, variant: u.rVar[k]!, send_after: u.rTs[k]!,
+      delivered: (u.rFlags[k]! & F_DELIVERED) !== 0, opened: (u.rFlags[k]! & F_OPENED) !== 0,
+      clicked: (u.rFlags[k]! & F_CLICKED) !== 0, converted: (u.rFlags[k]! & F_CONVERTED) !== 0,
+    }));
+  }
+
   /** Campaign definitions in file order (ids, variants and weights, for reports). */
   get definitions(): readonly CampaignDef[] {
     return this.campaigns.map((c) => c.def);

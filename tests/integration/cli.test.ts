@@ -105,7 +105,7 @@ describe('command line contract', () => {
 
   it('demo runs the engine on generated traffic and stops cleanly', () => {
     const dir = path.join(tmp.dir, 'demo');
-    const r = cli(['demo', '--duration', '3', '--rate', '5000', '--users', '10000', '--data-dir', dir]);
+    const r = cli(['demo', '--duration', '3', '--rate', '5000', '--users', '10000', '--data-dir', dir, '--port', '0']);
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/ev\/s\s+accepted=\d+/);
     expect(r.stdout).toContain('state checkpointed');
