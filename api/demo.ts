@@ -1,4 +1,4 @@
-import { mkdtempSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -32,7 +32,9 @@ export interface DemoOptions {
 }
 
 const TICK_MS = 100;
-const EXAMPLE_CAMPAIGNS = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../examples/campaigns.yaml');
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+/** examples/ of the project, from the sources (api/) or from dist/api/. */
+const EXAMPLE_CAMPAIGNS = [path.resolve(HERE, '../examples/campaigns.yaml'), path.resolve(HERE, '../../examples/campaigns.yaml')].find((f) => existsSync(f))!;
 
 export async function runDemo(o: DemoOptions): Promise<void> {
   const dataDir = o.dataDir ?? mkdtempSync(path.join(os.tmpdir(), 'crmstream-demo-'));

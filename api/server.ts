@@ -50,7 +50,9 @@ interface SocketData {
   adapter: TriggerSocket & KpiSocket;
 }
 
-const DASHBOARD_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../api/dashboard');
+/** api/dashboard beside this file (sources), or in the project when running from dist/api. */
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const DASHBOARD_DIR = [path.join(HERE, 'dashboard'), path.resolve(HERE, '../../api/dashboard')].find((d) => existsSync(d)) ?? path.join(HERE, 'dashboard');
 const require = createRequire(import.meta.url);
 
 /** Static files of the dashboard: path → [content type, file]. */
@@ -291,7 +293,7 @@ export class CrmServer {
       const query = new URLSearchParams(req.getQuery() ?? '');
       const info: RequestInfo = {
         query, contentType: req.getHeader('content-type'), accept: req.getHeader('accept'),
-        params: Array.from({ length: params }, (_, i) => decodeURIComponent(req.getParameter(i) ?? '')),
+        params: Array.from({ length: params }, (_, i) => safeDecode(req.getParameter(i) ?? '')),
       };
       const key = requestKey(req.getHeader('authorization'), req.getHeader('x-api-key'), query);
       let aborted = false;
@@ -522,6 +524,15 @@ interface RequestInfo {
   contentType: string;
   accept: string;
   params: string[];
+}
+
+/** A percent-decoded path parameter; a malformed escape stays as it came (it then matches nothing). */
+function safeDecode(s: string): string {
+  try {
+    return decodeURIComponent(s);
+  } catch {
+    return s;
+  }
 }
 
 function grainOf(v: string | null, allowed: readonly KpiGrain[]): KpiGrain {

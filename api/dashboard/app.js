@@ -19,6 +19,7 @@
   const BACKOFF_MAX_MS = 30_000;
   /** The heat map shows the most recent cohorts only: older ones would not fit a screen anyway. */
   const MAX_COHORTS = 12;
+  const DAY_S = 86_400;
   /** Plot height in CSS pixels: with the legend, the panel stays beside the funnel at 1280×800. */
   const CHART_HEIGHT = 210;
   /** The "all values" marginal (docs/KPIS.md): the dashboard shows totals, not per channel. */
@@ -115,10 +116,16 @@
   // HTTP
 
   async function getJson(path) {
-    const res = await fetch(path, {
-      headers: { Authorization: `Bearer ${KEY}`, Accept: 'application/json' },
-      signal: AbortSignal.timeout(FETCH_TIMEOUT_MS),
-    });
+    let res;
+    try {
+      res = await fetch(path, {
+        headers: { Authorization: `Bearer ${KEY}`, Accept: 'application/json' },
+        signal: AbortSignal.timeout(FETCH_TIMEOUT_MS),
+      });
+    } catch (err) {
+      // The browser's "Failed to fetch" does not say which request: name it.
+      throw new Error(`${path}: ${err.message}`, { cause: err });
+    }
     if (!res.ok) throw new Error(`${path}: HTTP ${res.status} ${await errorCode(res)}`.trim());
     return res.json();
   }
@@ -291,6 +298,15 @@
     else chart.setData(data);
   }
 
+  /**
+   * A lone day (a fresh demo) gets a three-day span around it: uPlot's own span for one point on a
+   * time scale in seconds is 86400 / 1e-3 s, about 1000 days. Otherwise uPlot's range (zoom works).
+   */
+  function xRange(u, min, max) {
+    const xs = u.data[0];
+    return xs.length === 1 ? [xs[0] - DAY_S, xs[0] + DAY_S] : [min, max];
+  }
+
   function createChart(data) {
     const box = $('chart-series');
     const axisValues = (_u, splits) => splits.map((v) => fmtCompact.format(v));
@@ -300,7 +316,7 @@
       height: CHART_HEIGHT,
       // Local-day labels are plotted at UTC midnight; formatting in UTC keeps the date unchanged.
       tzDate: (ts) => uPlot.tzDate(new Date(ts * 1000), 'Etc/UTC'),
-      scales: { x: { time: true }, users: { auto: true }, money: { auto: true } },
+      scales: { x: { time: true, range: xRange }, users: { auto: true }, money: { auto: true } },
       series: [
         {},
         { label: 'DAU', scale: 'users', stroke: '#2563eb', width: 2, points: { show: true }, value: (_u, v) => show(v, fmtInt) },
