@@ -168,6 +168,9 @@ export class CrmServer {
     stat('crm_timers_fired_total', 'Timers fired', 'timersFired');
     stat('crm_segment_changes_total', 'Segment membership changes', 'segmentChanges');
     stat('crm_triggers_total', 'Campaign triggers decided', 'triggers');
+    stat('crm_checkpoint_last_ms', 'Duration of the last checkpoint (ms)', 'checkpointMsLast');
+    stat('crm_checkpoint_ms_total', 'Time spent in checkpoints (ms)', 'checkpointMsTotal');
+    new client.Gauge({ name: 'crm_triggers_sent_total', help: 'Trigger frames sent to sender groups (re-deliveries included)', registers: [r], collect() { this.set(hub.delivered); } });
     new client.Gauge({
       name: 'crm_watermark_delay_ms', help: 'Wall clock minus the watermark', registers: [r],
       collect() { const w = gate.engine.watermark; this.set(Number.isFinite(w) ? Date.now() - w : 0); },

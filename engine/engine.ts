@@ -131,6 +131,9 @@ export class Engine {
   private readonly rejects = new Float64Array(REJECT_NAMES.length + 1);
   private acceptedTotal = 0;
   private lastCheckpointAt = performance.now();
+  /** Duration of the last checkpoint and the sum of all (ms; metrics). */
+  private checkpointMsLast = 0;
+  private checkpointMsTotal = 0;
   private busy = false;
   private closed = false;
   /**
@@ -567,6 +570,7 @@ export class Engine {
   }
 
   private async checkpointNow(): Promise<void> {
+    const started = performance.now();
     const epoch = this.epoch + 1;
     const ops: WriteOp[] = [];
     this.profiles.snapshot(ops);
@@ -598,6 +602,8 @@ export class Engine {
     this.dedupe.committed();
     this.outbox.committed();
     this.lastCheckpointAt = performance.now();
+    this.checkpointMsLast = this.lastCheckpointAt - started;
+    this.checkpointMsTotal += this.checkpointMsLast;
     await this.outbox.drain();
   }
 
@@ -819,7 +825,7 @@ export class Engine {
       kpiUpdates: this.kpi?.updates ?? 0, kpiCorrections: this.kpi?.corrections ?? 0, kpiLiveCells: this.kpi?.liveCells ?? 0,
       kpiCellsCompacted: this.kpi?.cellsCompacted ?? 0, segmentChanges: this.segments?.changes ?? 0,
       segmentEvaluations: this.segments?.evaluations ?? 0, segmentScanResumes: this.segmentScanResumes,
-      triggers: this.campaigns?.triggers ?? 0,
+      triggers: this.campaigns?.triggers ?? 0, checkpointMsLast: this.checkpointMsLast, checkpointMsTotal: this.checkpointMsTotal,
     };
   }
 

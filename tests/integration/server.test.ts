@@ -222,6 +222,37 @@ describe('/v1/kpis', () => {
   });
 });
 
+describe('queries', () => {
+  it('segment members page by id, also as an Arrow IPC stream; users show segments and recent triggers', async () => {
+    const c = await start();
+    const t = T0;
+    const buys = Array.from({ length: 25 }, (_, i) => ({ event_id: `p${i}`, type: 'purchase', user_id: `b${String(i).padStart(2, '0')}`, ts: t + i * 1000, amount: 500_000 }));
+    await post(c, [...buys, ...visits(1, 100)]);
+    await c.engine.advanceTo(t + DAY);
+    const get = async (path: string, accept = 'application/json') => fetch(`${c.base}${path}`, { headers: { authorization: `Bearer ${KEYS.kpis}`, accept } });
+    const seen: string[] = [];
+    let after = '';
+    for (let page = 0; page < 10; page++) {
+      const body = (await (await get(`/v1/segments/vip/members?limit=10&after=${after}`)).json()) as { members: { user_id: string; tier: string }[]; next: string | null };
+      seen.push(...body.members.map((m) => m.user_id));
+      if (body.next === null) break;
+      after = body.next;
+    }
+    expect(seen).toEqual(buys.map((b) => b.user_id));
+    const arrow = await get('/v1/segments/vip/members?limit=100', 'application/vnd.apache.arrow.stream');
+    expect(arrow.headers.get('content-type')).toBe('application/vnd.apache.arrow.stream');
+    const { tableFromIPC } = await import('apache-arrow');
+    const table = tableFromIPC(new Uint8Array(await arrow.arrayBuffer()));
+    expect(table.numRows).toBe(25);
+    expect(table.getChild('tier')!.get(0)).toBe('silver');
+    const user = (await (await get('/v1/users/u0')).json()) as { profile: { events: number }; segments: unknown[]; triggers: { campaign: string }[] };
+    expect(user.profile.events).toBe(1);
+    expect(user.triggers.map((x) => x.campaign)).toEqual(['hello']);
+    expect((await get('/v1/users/nobody')).status).toBe(404);
+    expect((await get('/v1/segments/nope/members')).status).toBe(404);
+  });
+});
+
 describe('security', () => {
   const ROUTES: [string, string, string][] = [
     ['GET', '/metrics', 'admin'], ['POST', '/v1/events', 'ingest'], ['GET', '/v1/kpis?grain=day', 'kpis'], ['GET', '/v1/cohorts?grain=week', 'kpis'],
