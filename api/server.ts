@@ -259,6 +259,17 @@ export class CrmServer {
         return e.segmentStatus().map((s) => ({ ...s, size: last.get(s.id) ?? 0 }));
       }),
     }));
+    // Segment rules reloaded in the running engine (docs/SEGMENTS.md "Changing the rules").
+    this.route('post', '/v1/segments/rules', 'admin', async (_q, body) => {
+      let doc: unknown;
+      try {
+        doc = JSON.parse(Buffer.from(body!).toString('utf8'));
+      } catch (err) {
+        throw new HttpError(400, 'bad_request', `not JSON: ${(err as Error).message}`);
+      }
+      const list = Array.isArray(doc) ? doc : (doc as { segments?: unknown } | null)?.segments;
+      return json(await this.gate.run((e) => e.reloadSegments(list, 'POST /v1/segments/rules')));
+    }, true);
     this.route('get', '/v1/segments/:id/sizes', 'kpis', async (q) => {
       const id = q.params[0]!;
       const grain = grainOf(q.query.get('grain') ?? 'day', ['day', 'week', 'month']);

@@ -254,11 +254,28 @@ describe('queries', () => {
   });
 });
 
+describe('segment rules over HTTP', () => {
+  it('POST /v1/segments/rules reloads the rules; an invalid document is 400 naming the rule and changes nothing', async () => {
+    const c = await start();
+    const postRules = (body: unknown, key = KEYS.admin) => fetch(`${c.base}/v1/segments/rules`, { method: 'POST', headers: { authorization: `Bearer ${key}` }, body: JSON.stringify(body) });
+    expect((await postRules([], KEYS.kpis)).status).toBe(403);
+    const bad = await postRules({ segments: [{ id: 'x', rule: { did: 'visit', within: 'soon' } }] });
+    expect(bad.status).toBe(400);
+    expect(((await bad.json()) as { message: string }).message).toMatch(/segment 'x' \(#1\): rule\.within/);
+    const ok = await postRules({ segments: [{ id: 'visitors', rule: { did: 'visit', within: '7d' } }] });
+    expect(ok.status).toBe(200);
+    expect(((await ok.json()) as { added: string[] }).added).toEqual(['visitors']);
+    const segs = (await (await fetch(`${c.base}/v1/segments`, { headers: { authorization: `Bearer ${KEYS.kpis}` } })).json()) as { segments: { id: string }[] };
+    expect(segs.segments.map((x) => x.id)).toContain('visitors');
+  });
+});
+
 describe('security', () => {
   const ROUTES: [string, string, string][] = [
     ['GET', '/metrics', 'admin'], ['POST', '/v1/events', 'ingest'], ['GET', '/v1/kpis?grain=day', 'kpis'], ['GET', '/v1/cohorts?grain=week', 'kpis'],
     ['GET', '/v1/funnel?grain=week', 'kpis'], ['GET', '/v1/users/u1', 'kpis'], ['GET', '/v1/segments', 'kpis'], ['GET', '/v1/segments/vip/sizes', 'kpis'],
     ['GET', '/v1/segments/vip/members', 'kpis'], ['GET', '/v1/campaigns', 'kpis'], ['GET', '/v1/campaigns/hello/results', 'kpis'],
+    ['POST', '/v1/segments/rules', 'admin'],
   ];
 
   it('every endpoint refuses no key, a wrong key (401) and a key without its scope (403); /healthz is open', async () => {
