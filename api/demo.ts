@@ -41,7 +41,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
   // The generated traffic carries no consent props: the demo counts consent as given.
   const campaigns = { ...(parseYaml(readFileSync(EXAMPLE_CAMPAIGNS, 'utf8')) as Record<string, unknown>), consent: { unknown: 'allow' } };
   const hub = new TriggerHub();
-  const engine = await Engine.create({ dataDir, campaigns: { definitions: campaigns } }, { sinks: [hub] });
+  const engine = await Engine.create({ dataDir, campaigns: { definitions: campaigns }, checkpoint: { triggerLatencyMs: 0 } }, { sinks: [hub] });
   const gate = new EngineGate(engine);
   const { key, entry } = newApiKey('demo', ['admin']);
   const server = await CrmServer.start(gate, hub, { port: o.port, keys: [entry] });

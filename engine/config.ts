@@ -50,6 +50,12 @@ export const ConfigSchema = z.object({
     intervalMs: z.number().int().min(0).default(1_000),
     /** Also checkpoint when this many profiles are dirty (default 100,000): bounds memory between checkpoints. */
     maxDirtyUsers: z.number().int().min(1).default(100_000),
+    /**
+     * Triggers leave only with the checkpoint that makes them durable: when a batch produced one,
+     * checkpoint at the first batch boundary this long (ms) after it was decided, whatever
+     * intervalMs says (default 50; 0 = at the end of that batch, for the lowest delivery latency).
+     */
+    triggerLatencyMs: z.number().int().min(0).default(50),
   }).prefault({}),
   deadLetter: z.object({
     /** Dead-letter file (jsonl). Default `<dataDir>/deadletter.jsonl`; null with no dataDir keeps them in the outbox only. */

@@ -555,7 +555,8 @@ export class Engine {
     return (
       performance.now() - this.lastCheckpointAt >= this.config.checkpoint.intervalMs ||
       this.profiles.dirtyCount >= this.config.checkpoint.maxDirtyUsers ||
-      this.outbox.pendingCount >= 100_000
+      this.outbox.pendingCount >= 100_000 ||
+      performance.now() - this.outbox.oldestPendingTriggerAt >= this.config.checkpoint.triggerLatencyMs
     );
   }
 

@@ -1,3 +1,4 @@
+import { performance } from 'node:perf_hooks';
 import type { KvStore, WriteOp } from '../state/store.js';
 
 /**
@@ -60,6 +61,7 @@ export class Outbox {
   private readonly cursors = new Map<string, number>();
   private readonly listeners: ((r: OutboxRecord) => void)[] = [];
   private store: KvStore | null = null;
+  private firstTriggerAt = Number.NaN;
   appended = 0;
 
   addSink(sink: OutboxSink): void {
@@ -77,6 +79,11 @@ export class Outbox {
 
   get pendingCount(): number {
     return this.pending.length;
+  }
+
+  /** When the oldest trigger not yet checkpointed was appended (performance.now(); NaN: none). */
+  get oldestPendingTriggerAt(): number {
+    return this.firstTriggerAt;
   }
 
   async open(store: KvStore, nextSeq: number): Promise<void> {
@@ -97,6 +104,7 @@ export class Outbox {
   }
 
   append(topic: number, payload: Uint8Array): number {
+    if (topic === Topic.trigger && Number.isNaN(this.firstTriggerAt)) this.firstTriggerAt = performance.now();
     const seq = this.nextSeq++;
     this.pending.push({ seq, topic, payload });
     this.appended++;
@@ -113,6 +121,7 @@ export class Outbox {
   }
 
   committed(): void {
+    this.firstTriggerAt = Number.NaN;
     for (const r of this.pending) {
       this.committedQueue.push(r);
       for (const fn of this.listeners) fn(r);
