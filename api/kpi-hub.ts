@@ -77,17 +77,20 @@ export class KpiHub {
   /** Frames sent (metrics). */
   framesSent = 0;
 
-  constructor(private readonly gate: EngineGate, private readonly coalesceMs: number, private readonly maxBufferedBytes = 1 << 20) {}
+  constructor(private gate: EngineGate, private readonly coalesceMs: number, private readonly maxBufferedBytes = 1 << 20) {}
 
   start(): void {
     this.timer = setInterval(() => void this.tick(), this.coalesceMs);
     this.timer.unref();
   }
 
-  stop(): void {
+  /** Stops ticking; `release` is what the hub keeps instead of the engine's gate afterwards. */
+  stop(release?: EngineGate): void {
     if (this.timer !== null) clearInterval(this.timer);
     this.timer = null;
     this.subs.clear();
+    this.views.clear();
+    if (release !== undefined) this.gate = release;
   }
 
   get subscriberCount(): number {

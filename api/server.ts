@@ -67,6 +67,13 @@ function staticFiles(): Map<string, [string, string]> {
   ]);
 }
 
+/** What a closed server's leftover handlers see: every engine call fails (503). */
+const CLOSED_GATE = {
+  engine: null,
+  depth: 0,
+  run: () => Promise.reject(new CrmError('ENGINE_CLOSED', 'the server is closed')),
+} as unknown as EngineGate;
+
 class HttpError extends Error {
   constructor(readonly status: number, readonly code: string, message: string) {
     super(message);
@@ -92,6 +99,8 @@ export class CrmServer {
   private readonly keys: KeyRing;
   private readonly opts: Required<Omit<ServerOptions, 'host' | 'keys'>> & { host: string };
   private trimTimer: NodeJS.Timeout | null = null;
+  /** Ingest requests waiting for the engine's next turn (coalesce). */
+  private waiting: { events: unknown[]; resolve: (r: string[]) => void; reject: (e: unknown) => void }[] = [];
   private readonly files = staticFiles();
   private readonly m: {
     http: client.Counter<'route' | 'status'>;
@@ -105,7 +114,7 @@ export class CrmServer {
    * The hub must be an outbox sink of the engine (`Engine.create(cfg, { sinks: [hub] })`) so
    * triggers reach it durably; `createTriggerHub` makes one.
    */
-  private constructor(private readonly gate: EngineGate, hub: TriggerHub, opts: ServerOptions) {
+  private constructor(private gate: EngineGate, hub: TriggerHub, opts: ServerOptions) {
     this.opts = {
       port: opts.port, host: opts.host ?? '127.0.0.1', maxBodyBytes: opts.maxBodyBytes ?? 8 << 20, maxFrameBytes: opts.maxFrameBytes ?? 64 << 10,
       kpiCoalesceMs: opts.kpiCoalesceMs ?? 500, maxBufferedBytes: opts.maxBufferedBytes ?? 1 << 20,
@@ -145,18 +154,24 @@ export class CrmServer {
 
   async close(): Promise<void> {
     if (this.trimTimer !== null) clearInterval(this.trimTimer);
-    this.kpis.stop();
+    this.kpis.stop(CLOSED_GATE);
     for (const ws of this.sockets) ws.end(1001, 'server closing');
     this.sockets.clear();
     if (this.listen !== null) uWS.us_listen_socket_close(this.listen);
     this.listen = null;
+    // uWS.js 20.30 has no app.close(): the App and its handlers (which reach this object) live on.
+    // Cut what they reach — the engine, the metrics closures — so a closed server holds no state.
+    this.gate = CLOSED_GATE;
+    this.registry.clear();
   }
 
   // -------------------------------------------------------------------------------------------
 
   private metrics(): CrmServer['m'] {
     const r = this.registry;
-    const gate = this.gate;
+    // Closures read the server's current gate (a closed server's is CLOSED_GATE; the registry is cleared then).
+    const self = this as unknown as { gate: EngineGate };
+    const gate = { get engine() { return self.gate.engine; }, get depth() { return self.gate.depth; } };
     const hub = this.triggers;
     const stat = (name: string, help: string, key: string): void => {
       new client.Gauge({ name, help, registers: [r], collect() { this.set(gate.engine.stats()[key] ?? 0); } });
@@ -372,8 +387,38 @@ export class CrmServer {
       events = list;
     }
     this.m.eventsIn.inc(events.length);
-    const r = await this.gate.run((e) => e.ingest(events));
-    return json({ accepted: r.accepted, rejected: r.rejected, results: r.reasons });
+    const reasons = await this.coalesce(events);
+    let accepted = 0;
+    for (const r of reasons) if (r === '') accepted++;
+    return json({ accepted, rejected: reasons.length - accepted, results: reasons });
+  }
+
+  /**
+   * POSTs that arrive while the engine is busy wait together and go in as ONE engine call (one
+   * validation pass, one checkpoint decision), each getting its own slice of the per-event
+   * results: under load the per-request engine overhead is paid once per engine turn, not per
+   * request.
+   */
+  private coalesce(events: unknown[]): Promise<string[]> {
+    return new Promise((resolve, reject) => {
+      this.waiting.push({ events, resolve, reject });
+      if (this.waiting.length > 1) return; // a turn is already queued and will take these too
+      void this.gate.run(async (e) => {
+        const group = this.waiting;
+        this.waiting = [];
+        const all = group.length === 1 ? group[0]!.events : group.flatMap((g) => g.events);
+        try {
+          const r = await e.ingest(all);
+          let at = 0;
+          for (const g of group) {
+            g.resolve(r.reasons.slice(at, at + g.events.length));
+            at += g.events.length;
+          }
+        } catch (err) {
+          for (const g of group) g.reject(err);
+        }
+      });
+    });
   }
 
   private async members(q: RequestInfo): Promise<Reply> {

@@ -103,6 +103,8 @@ export class TriggerHub implements OutboxSink {
   async close(): Promise<void> {
     for (const c of this.conns.values()) c.gone = true;
     this.conns.clear();
+    this.onDelivered = null;
+    this.store = null; // the engine closes the store; a closed hub keeps no reference to it
   }
 
   /** A group connects. Returns the seq delivery starts after, or null if the group is already connected. */
@@ -150,11 +152,11 @@ export class TriggerHub implements OutboxSink {
 
   private saveCursor(group: string, seq: number): void {
     this.cursors.set(group, seq);
-    void this.store!.write([{ type: 'put', key: CURSOR + group, value: utf8.encode(String(seq)) }]).catch(() => undefined);
+    void this.store?.write([{ type: 'put', key: CURSOR + group, value: utf8.encode(String(seq)) }]).catch(() => undefined);
   }
 
   private async pump(c: Conn): Promise<void> {
-    if (c.pumping || c.gone) return;
+    if (c.pumping || c.gone || this.store === null) return;
     c.pumping = true;
     try {
       for (;;) {

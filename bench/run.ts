@@ -17,6 +17,7 @@ import { engineCoreScenario, engineLevelScenario } from './engine.bench.js';
 import { restartScenario } from './restart.bench.js';
 import { segmentsCoreScenario, segmentTimersScenario } from './segments.bench.js';
 import { campaigns5Scenario, campaignsCoreScenario } from './campaigns.bench.js';
+import { kpiFanoutDefaultScenario, serverTriggerScenario } from './server.bench.js';
 import { kpiOffScenario, kpiTableDuckScenario, kpiTableEngineScenario, lateEventsScenario } from './kpi.bench.js';
 import { markdownTable, runScenarios, writeResults, type BenchResult, type Scenario } from './harness.js';
 
@@ -33,6 +34,8 @@ export const SCENARIOS: readonly Scenario[] = [
   segmentTimersScenario as Scenario,
   campaigns5Scenario as Scenario,
   campaignsCoreScenario as Scenario,
+  serverTriggerScenario as Scenario,
+  kpiFanoutDefaultScenario as Scenario,
   restartScenario as Scenario,
 ];
 
