@@ -17,6 +17,7 @@ import type { KvStore } from '../state/store.js';
 
 const LOG = 'r/';
 const CURSOR = 'rc/';
+const CURSOR_FLUSH_MS = 100;
 const logKey = (seq: number): string => LOG + seq.toString(16).padStart(16, '0');
 const utf8 = new TextEncoder();
 const utf8d = new TextDecoder();
@@ -67,6 +68,8 @@ export class TriggerHub implements OutboxSink {
   private head = 0;
   private readonly cursors = new Map<string, number>();
   private readonly conns = new Map<string, Conn>();
+  private readonly dirtyCursors = new Set<string>();
+  private flushTimer: NodeJS.Timeout | null = null;
   private readonly opts: TriggerHubOptions;
   /** Metrics. */
   delivered = 0;
@@ -101,6 +104,8 @@ export class TriggerHub implements OutboxSink {
   }
 
   async close(): Promise<void> {
+    if (this.flushTimer !== null) clearTimeout(this.flushTimer);
+    await this.flushCursors();
     for (const c of this.conns.values()) c.gone = true;
     this.conns.clear();
     this.onDelivered = null;
@@ -150,9 +155,26 @@ export class TriggerHub implements OutboxSink {
     if (c !== undefined) void this.pump(c);
   }
 
+  /**
+   * Cursors are saved at most every CURSOR_FLUSH_MS, all dirty ones in one write: an ack per frame
+   * would otherwise cost a synced write each. A crash loses at most that much ack progress, which
+   * at-least-once delivery tolerates (those triggers are sent again, same ids).
+   */
   private saveCursor(group: string, seq: number): void {
     this.cursors.set(group, seq);
-    void this.store?.write([{ type: 'put', key: CURSOR + group, value: utf8.encode(String(seq)) }]).catch(() => undefined);
+    this.dirtyCursors.add(group);
+    if (this.flushTimer === null) {
+      this.flushTimer = setTimeout(() => void this.flushCursors(), CURSOR_FLUSH_MS);
+      this.flushTimer.unref();
+    }
+  }
+
+  private async flushCursors(): Promise<void> {
+    this.flushTimer = null;
+    if (this.dirtyCursors.size === 0 || this.store === null) return;
+    const ops = [...this.dirtyCursors].map((g) => ({ type: 'put' as const, key: CURSOR + g, value: utf8.encode(String(this.cursors.get(g))) }));
+    this.dirtyCursors.clear();
+    await this.store.write(ops).catch(() => undefined);
   }
 
   private async pump(c: Conn): Promise<void> {
