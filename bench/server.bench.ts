@@ -1,41 +1,45 @@
 /**
  * Server scenarios (issue 7, SPEC §10), against the real HTTP / WebSocket server (api/server.ts) on
- * 127.0.0.1 with real clients (`node:http`, `ws`) — in the SAME Node process as the server, so the
- * clients' CPU time (JSON, frame parsing, 1,000 client sockets) is on the server's event loop too:
- * the figures are pessimistic against a client on another machine.
+ * 127.0.0.1 with real clients (`node:http`, `ws`). The server runs in the bench's main thread; the
+ * background load generator, the probe sender and the trigger sender run in a worker thread
+ * (bench/server-load.worker.ts), so the server's event loop carries only the server. The process
+ * is still shared (2 cores here: the worker's CPU competes with the server's for the machine, not
+ * for its thread), so the figures remain somewhat pessimistic against clients on another machine.
  *
- * Background load (both scenarios): the generator's mix of users, sessions and types with event
- * time = the wall clock at send time; every 10 ms the events due since the start go out in one
- * JSON POST (~200; more when a timer fired late, at most 2,000), at most 4 requests in flight —
- * when the server cannot keep up the loader falls behind rather than queueing without bound, and
- * the notes give the rate it achieved.
+ * Background load (both scenarios, in the worker): the generator's mix of users, sessions and types
+ * with event time = the wall clock at send time; every 10 ms the events due since the start go out
+ * in one JSON POST (~200; more when a timer fired late, at most 2,000), at most 4 requests in
+ * flight — when the server cannot keep up the loader falls behind rather than queueing without
+ * bound, and the notes give the rate it achieved.
  *
  * - `http → trigger frame (20k ev/s background)`: one sender (`ws`, sub-protocol json, group
  *   `bench`, acks every frame) on /v1/triggers; 20,000 ordinary events/s POSTed to /v1/events in
  *   JSON batches (~200 every 10 ms, event time = the wall clock); every 5 ms one `probe_ping` event
  *   for a fresh user in its own POST (keep-alive agent without a socket limit, so a probe reaches
  *   the server when it is sent). Latency = start of the probe's POST → the trigger frame for
- *   that user at the sender. The `probe` campaign triggers on `probe_ping` only, so the probes'
- *   triggers are the only ones. items = probes (ops/s = probes per second); the percentiles are
- *   in the notes. State: LevelDB (fsync per write) in a temp dir; `checkpoint.triggerLatencyMs: 0`
- *   (a batch that decided a trigger is checkpointed at its end — a trigger is sent only after the
- *   checkpoint that makes it durable) and `intervalMs: 1000` for the other batches. The
- *   notes also break the time down: the engine calls' wait in the EngineGate and run time
- *   (ingest + checkpoint + outbox drain), the gate's busy share, and event-loop delay.
+ *   that user at the sender, both in the worker (one clock). The `probe` campaign triggers on
+ *   `probe_ping` only, so the probes' triggers are the only ones. items = probes (ops/s = probes
+ *   per second); the percentiles are in the notes. State: LevelDB (fsync per write) in a temp dir;
+ *   `checkpoint.triggerLatencyMs: 0` (a batch that decided a trigger is checkpointed at its end — a
+ *   trigger is sent only after the checkpoint that makes it durable) and `intervalMs: 1000` for the
+ *   other batches. The notes also break the time down on the server side: the engine calls' wait
+ *   in the EngineGate and run time (ingest + checkpoint + outbox drain), the gate's busy share, and
+ *   the server thread's event-loop delay.
  *   `triggerLatencyScenario({ backend, checkpointMs, rate, probeEveryMs })` makes variants (not
  *   registered) for finding where the time goes.
  * - `KPI fan-out to 1,000 sockets`: 1,000 `ws` clients (json) on /v1/kpis subscribed to the day
  *   grain, 100 of them "slow" (their TCP socket paused after the snapshot: they never read again),
- *   under 20,000 ev/s of ingest (kpiCoalesceMs 250, so the KPIs change every tick). items = delta
- *   frames received by the fast clients; the notes give process memory (sampled every second:
- *   after the subscriptions, max during the run, after a GC at the end), the bytes uWS holds for
- *   the sockets (backpressure) and the frames the server skipped for the slow ones.
+ *   under 20,000 ev/s of ingest (kpiCoalesceMs 250, so the KPIs change every tick). The ingest runs
+ *   in the worker; the 1,000 clients stay in the main thread with the server (they only count
+ *   ~4 frames/ms in all, and the slow ones pause their own socket). items = delta frames received
+ *   by the fast clients; the notes give process memory (sampled every second: after the
+ *   subscriptions, max during the run, after a GC at the end), the bytes uWS holds for the sockets
+ *   (backpressure) and the frames the server skipped for the slow ones.
  *
- * Every run starts a fresh engine + server (port 0) and closes everything it opened (sockets,
- * HTTP agents, server, engine, temp dir) before it returns.
+ * Every run starts a fresh engine + server (port 0) and a fresh worker, and closes everything it
+ * opened (worker, sockets, server, engine, temp dir) before it returns.
  */
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import http from 'node:http';
 import type net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -43,19 +47,24 @@ import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import v8 from 'node:v8';
 import vm from 'node:vm';
+import { Worker } from 'node:worker_threads';
 import WebSocket from 'ws';
 import { sha256Hex } from '../api/auth.js';
 import { EngineGate } from '../api/gate.js';
 import { CrmServer } from '../api/server.js';
 import { TriggerHub } from '../api/trigger-hub.js';
 import { Engine } from '../engine/engine.js';
-import { TrafficGenerator, type GenEvent } from '../engine/sources/generator.js';
+import { TrafficGenerator } from '../engine/sources/generator.js';
 import { consume, type Scenario, type TimedItems } from './harness.js';
+import {
+  BACKGROUND_TICK_MS, compact, type BackgroundCounters, type LoadCommand, type LoadData, type LoadMessage,
+} from './server-load.worker.js';
 
 const KEY = 'bench-key-0123456789abcdef';
 const MiB = 1024 * 1024;
 const BACKGROUND_RATE = 20_000;
-const BACKGROUND_TICK_MS = 10;
+/** The compiled worker, next to this file (dist/bench/server-load.worker.js). */
+const LOAD_WORKER_URL = new URL('./server-load.worker.js', import.meta.url);
 
 // ---------------------------------------------------------------------------------------------------
 // Shared pieces
@@ -119,127 +128,61 @@ async function startStack(o: {
   };
 }
 
-interface PostResult {
-  status: number;
-  body: string;
-}
-
-/** One POST /v1/events through a keep-alive agent (node:http: the agent can be destroyed at the end). */
-function postEvents(agent: http.Agent, port: number, body: string): Promise<PostResult> {
-  return new Promise((resolve, reject) => {
-    const req = http.request({
-      host: '127.0.0.1', port, path: '/v1/events', method: 'POST', agent,
-      headers: { authorization: `Bearer ${KEY}`, 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) },
-    }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks).toString('utf8') }));
-      res.on('error', reject);
-    });
-    req.on('error', reject);
-    req.end(body);
-  });
-}
-
-/** A generated event as a compact JSON object (no empty fields), its time replaced by `ts`. */
-function compact(e: GenEvent, ts: number): Record<string, unknown> {
-  const o: Record<string, unknown> = { event_id: e.event_id, type: e.type, ts };
-  if (e.user_id !== '') o['user_id'] = e.user_id;
-  if (e.anonymous_id !== '') o['anonymous_id'] = e.anonymous_id;
-  if (e.amount !== 0) {
-    o['amount'] = e.amount;
-    o['currency'] = e.currency;
-  }
-  if (e.order_id !== '') o['order_id'] = e.order_id;
-  if (e.channel !== '') o['channel'] = e.channel;
-  if (e.platform !== '') o['platform'] = e.platform;
-  if (e.campaign_id !== '') o['campaign_id'] = e.campaign_id;
-  if (e.variant !== '') o['variant'] = e.variant;
-  if (e.trigger_id !== '') o['trigger_id'] = e.trigger_id;
-  if (Object.keys(e.props).length > 0) o['props'] = e.props;
-  return o;
-}
-
 /**
- * Ordinary traffic at `rate` events/s of wall time: every 10 ms, the events due since the start
- * (so a late timer makes the next batch bigger, up to 2,000) in one JSON POST, at most 4 requests
- * in flight (beyond that it falls behind, and the achieved rate says so). Event time = the wall
- * clock at send time (the generator gives the mix of users, sessions and types).
+ * The client side of a run in a worker thread (bench/server-load.worker.ts): messages from it are
+ * queued and taken by type; an error, an early exit or a timeout rejects the wait. `close()`
+ * terminates the thread (always call it: the harness runs scenarios one after another in one process).
  */
-class Background {
-  generated = 0;
-  accepted = 0;
-  rejected = 0;
-  failed = 0;
-  requests = 0;
-  /** Ticks that found 4 requests still in flight. */
-  stalls = 0;
-  private inFlight = 0;
-  private t0 = 0;
-  private elapsed = 0;
-  private timer: NodeJS.Timeout | null = null;
-  private readonly pending = new Set<Promise<void>>();
-  private readonly gen: TrafficGenerator;
-  private readonly agent = new http.Agent({ keepAlive: true, maxSockets: 4 });
+class LoadWorker {
+  private readonly worker: Worker;
+  private readonly inbox: LoadMessage[] = [];
+  private wake: (() => void) | null = null;
+  private failure: Error | null = null;
+  private exited = false;
 
-  constructor(private readonly port: number, private readonly rate: number, seed: number) {
-    this.gen = new TrafficGenerator({ seed, users: 200_000, startTs: Date.now(), eventsPerSecond: Math.max(1, rate), diurnal: false, lateRate: 0 });
-  }
-
-  start(): void {
-    this.t0 = performance.now();
-    if (this.rate <= 0) return;
-    this.timer = setInterval(() => this.tick(), BACKGROUND_TICK_MS);
-  }
-
-  private tick(): void {
-    const due = Math.floor(((performance.now() - this.t0) * this.rate) / 1000) - this.generated;
-    if (due <= 0) return;
-    if (this.inFlight >= 4) {
-      this.stalls++;
-      return;
-    }
-    const n = Math.min(due, 2_000);
-    const now = Date.now();
-    const events = new Array<Record<string, unknown>>(n);
-    for (let i = 0; i < n; i++) events[i] = compact(this.gen.nextEvent(), now);
-    this.generated += n;
-    this.inFlight++;
-    this.requests++;
-    const p: Promise<void> = postEvents(this.agent, this.port, JSON.stringify(events)).then((r) => {
-      if (r.status !== 200) {
-        this.failed += n;
-        return;
-      }
-      const a = JSON.parse(r.body) as { accepted: number; rejected: number };
-      this.accepted += a.accepted;
-      this.rejected += a.rejected;
-    }, () => {
-      this.failed += n;
-    }).finally(() => {
-      this.inFlight--;
-      this.pending.delete(p);
+  constructor(data: LoadData) {
+    this.worker = new Worker(LOAD_WORKER_URL, { workerData: data });
+    this.worker.on('message', (m: LoadMessage) => {
+      if (m.type === 'error') this.failure ??= new Error(`load worker: ${m.message}`);
+      else this.inbox.push(m);
+      this.wake?.();
     });
-    this.pending.add(p);
+    this.worker.on('error', (err) => {
+      this.failure ??= err;
+      this.wake?.();
+    });
+    this.worker.on('exit', (code) => {
+      this.exited = true;
+      this.failure ??= new Error(`load worker exited (code ${code})`);
+      this.wake?.();
+    });
   }
 
-  /** Stops sending, waits for the answers; the sending time (ms). */
-  async stop(): Promise<number> {
-    if (this.timer !== null) {
-      clearInterval(this.timer);
-      this.timer = null;
-      this.elapsed = performance.now() - this.t0;
+  send(m: LoadCommand): void {
+    this.worker.postMessage(m);
+  }
+
+  /** The first message of `type` (queued or to come), within `ms`. */
+  async next<T extends LoadMessage['type']>(type: T, ms: number): Promise<Extract<LoadMessage, { type: T }>> {
+    const deadline = performance.now() + ms;
+    for (;;) {
+      const i = this.inbox.findIndex((m) => m.type === type);
+      if (i >= 0) return this.inbox.splice(i, 1)[0] as Extract<LoadMessage, { type: T }>;
+      if (this.failure !== null) throw this.failure;
+      const left = deadline - performance.now();
+      if (left <= 0) throw new Error(`load worker: no '${type}' within ${Math.round(ms)} ms`);
+      let timer: NodeJS.Timeout | null = null;
+      await new Promise<void>((resolve) => {
+        this.wake = resolve;
+        timer = setTimeout(resolve, left);
+      });
+      this.wake = null;
+      if (timer !== null) clearTimeout(timer);
     }
-    await Promise.all([...this.pending]);
-    return this.elapsed;
   }
 
-  close(): void {
-    this.agent.destroy();
-  }
-
-  get achievedRate(): number {
-    return this.elapsed > 0 ? (this.accepted + this.rejected) / (this.elapsed / 1000) : 0;
+  async close(): Promise<void> {
+    if (!this.exited) await this.worker.terminate();
   }
 }
 
@@ -252,13 +195,6 @@ function pct(sorted: Float64Array, q: number): number {
 const f2 = (x: number): string => (Number.isFinite(x) ? x.toFixed(2) : '—');
 const int = (x: number): string => Math.round(x).toLocaleString('en-US');
 const mib = (x: number): string => (x / MiB).toFixed(0);
-
-function waitOpen(ws: WebSocket): Promise<void> {
-  return new Promise((resolve, reject) => {
-    ws.once('open', () => resolve());
-    ws.once('error', reject);
-  });
-}
 
 /** Destroys client sockets (terminate: a paused socket would never finish a close handshake) and waits for their close events. */
 async function terminateAll(sockets: readonly WebSocket[], ms = 5_000): Promise<void> {
@@ -293,7 +229,7 @@ interface ProbeRun {
   gateRun: Float64Array;
   /** Share of the probe window the gate spent running engine calls. */
   gateBusy: number;
-  /** Event-loop delay during the probes, ms. */
+  /** The server thread's event-loop delay during the probes, ms. */
   loopP99: number;
   loopMax: number;
 }
@@ -315,23 +251,50 @@ interface TriggerState extends Required<TriggerOptions> {
   runs: ProbeRun[];
 }
 
-/** Wraps the gate so every engine call's wait and run time are recorded (bench instrumentation). */
-function instrumentGate(gate: EngineGate): { wait: number[]; run: number[] } {
-  const rec = { wait: [] as number[], run: [] as number[] };
+interface GateRecord {
+  /** performance.now() of the server thread when the call was queued / started, ms. */
+  queued: number[];
+  started: number[];
+  /** Run time, ms. */
+  run: number[];
+}
+
+/** Wraps the gate so every engine call's queue time, start and run time are recorded (bench instrumentation, server thread). */
+function instrumentGate(gate: EngineGate): GateRecord {
+  const rec: GateRecord = { queued: [], started: [], run: [] };
   const orig = gate.run.bind(gate);
   gate.run = <T>(fn: (engine: Engine) => Promise<T> | T): Promise<T> => {
     const queued = performance.now();
     return orig(async (e) => {
       const started = performance.now();
-      rec.wait.push(started - queued);
       try {
         return await fn(e);
       } finally {
+        rec.queued.push(queued);
+        rec.started.push(started);
         rec.run.push(performance.now() - started);
       }
     });
   };
   return rec;
+}
+
+/** The engine calls queued within [from, to] (server-thread ms): wait and run times, sorted, and the share of the window spent running calls. */
+function gateInWindow(rec: GateRecord, from: number, to: number): { wait: Float64Array; run: Float64Array; busy: number } {
+  const wait: number[] = [];
+  const run: number[] = [];
+  let busyMs = 0;
+  for (let i = 0; i < rec.run.length; i++) {
+    const q = rec.queued[i]!;
+    const st = rec.started[i]!;
+    const r = rec.run[i]!;
+    if (q >= from && q <= to) {
+      wait.push(st - q);
+      run.push(r);
+    }
+    busyMs += Math.max(0, Math.min(to, st + r) - Math.max(from, st));
+  }
+  return { wait: Float64Array.from(wait).sort(), run: Float64Array.from(run).sort(), busy: to > from ? busyMs / (to - from) : 0 };
 }
 
 async function probeRun(s: TriggerState, runNo: number): Promise<{ run: ProbeRun; ns: bigint }> {
@@ -343,113 +306,40 @@ async function probeRun(s: TriggerState, runNo: number): Promise<{ run: ProbeRun
     },
   });
   const gateRec = instrumentGate(stack.gate);
-  let bg: Background;
-  let probeAgent: http.Agent;
-  let ws: WebSocket;
-  try {
-    bg = new Background(stack.port, s.rate, 7 + runNo);
-    // No socket limit: a probe must reach the server when it is sent, not queue in the client.
-    probeAgent = new http.Agent({ keepAlive: true });
-    ws = new WebSocket(`ws://127.0.0.1:${stack.port}/v1/triggers?key=${KEY}`, 'json', { perMessageDeflate: false });
-  } catch (err) {
-    await stack.close();
-    throw err;
-  }
   const loop = monitorEventLoopDelay({ resolution: 1 });
+  const drainMs = 15_000;
+  let load: LoadWorker | null = null;
   try {
-    const n = s.probes;
-    const sentAt = new Float64Array(n).fill(Number.NaN);
-    const lat = new Float64Array(n).fill(Number.NaN);
-    const answer = new Float64Array(n).fill(Number.NaN);
-    const byUser = new Map<string, number>();
-    let received = 0;
-    let lastReceivedAt = 0;
-    let probeRejected = 0;
-    let allIn: (() => void) | null = null;
-    let subscribed: (() => void) | null = null;
-    const subscribedP = new Promise<void>((r) => {
-      subscribed = r;
+    load = new LoadWorker({
+      mode: 'trigger', port: stack.port, key: KEY, rate: s.rate, seed: 7 + runNo, probes: s.probes, probeEveryMs: s.probeEveryMs,
+      settleMs: 200, drainMs, tag: `r${runNo}-${Date.now().toString(36)}`,
     });
-    ws.on('message', (data) => {
-      const now = performance.now();
-      const f = JSON.parse(String(data)) as { trigger?: { seq: number; user_id: string }; subscribed?: unknown };
-      if (f.subscribed !== undefined) subscribed?.();
-      const t = f.trigger;
-      if (t === undefined) return;
-      ws.send(JSON.stringify({ ack: { seq: t.seq } }));
-      const i = byUser.get(t.user_id);
-      if (i === undefined || !Number.isNaN(lat[i]!)) return;
-      lat[i] = now - sentAt[i]!;
-      received++;
-      lastReceivedAt = now;
-      if (received === n) allIn?.();
-    });
-    await waitOpen(ws);
-    ws.on('error', () => undefined); // a late socket error must not crash the run; a lost sender shows as lost probes
-    ws.send(JSON.stringify({ subscribe_triggers: { group: 'bench', max_in_flight: 1000 } }));
-    await subscribedP;
-
-    // Background first, a moment to settle, then the probes on a fixed schedule (catching up when a timer is late).
-    bg.start();
-    await sleep(200);
-    const tag = `r${runNo}-${Date.now().toString(36)}`;
-    const inFlight = new Set<Promise<void>>();
-    let next = 0;
-    gateRec.wait.length = 0;
-    gateRec.run.length = 0;
+    // The worker connects its sender, starts the background and lets it settle; the server-side
+    // instruments start with the probes.
+    await load.next('settled', 60_000);
     loop.enable();
-    const t0 = performance.now();
-    const fire = (): void => {
-      const due = Math.min(n, Math.floor((performance.now() - t0) / s.probeEveryMs) + 1);
-      for (; next < due; next++) {
-        const i = next;
-        const user = `probe-${tag}-${i}`;
-        byUser.set(user, i);
-        const body = JSON.stringify([{ event_id: `p-${tag}-${i}`, type: 'probe_ping', user_id: user, ts: Date.now() }]);
-        sentAt[i] = performance.now();
-        const p: Promise<void> = postEvents(probeAgent, stack.port, body).then((r) => {
-          answer[i] = performance.now() - sentAt[i]!;
-          if (r.status !== 200 || (JSON.parse(r.body) as { accepted: number }).accepted !== 1) probeRejected++;
-        }, () => {
-          probeRejected++;
-        }).finally(() => inFlight.delete(p));
-        inFlight.add(p);
-      }
-    };
-    fire();
-    const timer = setInterval(fire, s.probeEveryMs);
-    while (next < n) await sleep(20);
-    clearInterval(timer);
-    // The background stops with the last probe; the probes still queued keep the wait they had.
-    const allInP = new Promise<void>((r) => {
-      allIn = r;
-      if (received === n) r();
-    });
-    await bg.stop();
-    await Promise.race([allInP, sleep(15_000)]);
+    load.send({ type: 'probe' });
+    const { result: r } = await load.next('done', 60_000 + s.probes * s.probeEveryMs + drainMs);
     loop.disable();
-    const end = received > 0 ? lastReceivedAt : performance.now();
-    const ns = BigInt(Math.round((end - t0) * 1e6));
-    await Promise.all([...inFlight]);
+    // The probe window (first probe sent → last trigger frame) on this thread's clock.
+    const from = r.t0Abs - performance.timeOrigin;
+    const to = r.endAbs - performance.timeOrigin;
+    const g = gateInWindow(gateRec, from, to);
     const st = stack.engine.stats();
     const rejects = Object.entries(stack.engine.rejectCounts()).filter(([, v]) => v > 0).map(([k, v]) => `${k} ${v}`).join(', ');
-    consume(received);
+    consume(r.received);
     return {
-      ns,
+      ns: BigInt(Math.round(r.windowMs * 1e6)),
       run: {
-        probes: n, received, probeRejected, lat: lat.filter((x) => !Number.isNaN(x)).sort(), answer: answer.filter((x) => !Number.isNaN(x)).sort(),
-        bgRate: bg.achievedRate, bgRejected: bg.rejected, bgRejects: rejects || 'none', bgFailed: bg.failed, bgStalls: bg.stalls, bgRequests: bg.requests,
-        checkpoints: st['epoch'] ?? 0, gateWait: Float64Array.from(gateRec.wait).sort(), gateRun: Float64Array.from(gateRec.run).sort(),
-        gateBusy: gateRec.run.reduce((a, x) => a + x, 0) / (end - t0),
+        probes: r.probes, received: r.received, probeRejected: r.probeRejected, lat: r.lat, answer: r.answer,
+        bgRate: r.bg.achievedRate, bgRejected: r.bg.rejected, bgRejects: rejects || 'none', bgFailed: r.bg.failed, bgStalls: r.bg.stalls, bgRequests: r.bg.requests,
+        checkpoints: st['epoch'] ?? 0, gateWait: g.wait, gateRun: g.run, gateBusy: g.busy,
         loopP99: loop.percentile(99) / 1e6, loopMax: loop.max / 1e6,
       },
     };
   } finally {
     loop.disable();
-    await bg.stop();
-    bg.close();
-    probeAgent.destroy();
-    await terminateAll([ws]);
+    await load?.close();
     await stack.close();
   }
 }
@@ -495,15 +385,15 @@ export function triggerLatencyScenario(o: TriggerOptions = {}): Scenario<Trigger
       return [
         `${s.backend === 'level' ? 'LevelDB state (sync writes) in a temp dir' : 'memory state'}, checkpoint.intervalMs ${s.checkpointMs}, triggerLatencyMs 0 (a trigger goes out only after the checkpoint that makes it durable)`,
         `${int(s.probes)} probes/run, one probe_ping POST per ${s.probeEveryMs} ms for a fresh user; sender: ws json, group bench, acks every frame`,
-        `background: target ${int(s.rate)} ev/s as JSON POSTs every ${BACKGROUND_TICK_MS} ms (≤ 4 in flight), achieved ${timed.map((r) => int(r.bgRate)).join(' / ')} ev/s (per timed run; last run: ${int(last.bgRequests)} requests, ${int(last.bgStalls)} ticks skipped with 4 in flight, rejects: ${last.bgRejects}, ${int(last.bgFailed)} failed)`,
+        `background (worker thread): target ${int(s.rate)} ev/s as JSON POSTs every ${BACKGROUND_TICK_MS} ms (≤ 4 in flight), achieved ${timed.map((r) => int(r.bgRate)).join(' / ')} ev/s (per timed run; last run: ${int(last.bgRequests)} requests, ${int(last.bgStalls)} ticks skipped with 4 in flight, rejects: ${last.bgRejects}, ${int(last.bgFailed)} failed)`,
         `LATENCY POST start → trigger frame, ${timed.length} timed run(s), ${int(all.length)} samples: p50 ${f2(pct(all, 0.5))} ms, p99 ${f2(p99)} ms, p999 ${f2(pct(all, 0.999))} ms, max ${f2(all[all.length - 1] ?? Number.NaN)} ms`,
         `p99 per run: ${s.runs.map((r, i) => `${f2(pct(r.lat, 0.99))}${i === 0 && s.runs.length > 1 ? ' (warm-up)' : ''}`).join(', ')} ms`,
         `POST answered: ${dist(pooled(timed, (r) => r.answer))}`,
-        `engine calls (last run, ${int(last.gateRun.length)}): wait in the gate ${dist(last.gateWait)}; run (ingest + checkpoint) ${dist(last.gateRun)}, busy ${(100 * last.gateBusy).toFixed(0)}% of the window`,
-        `event-loop delay p99 ${f2(last.loopP99)} ms, max ${f2(last.loopMax)} ms; ${int(last.checkpoints)} checkpoints in the last run`,
+        `server side, engine calls queued in the probe window (last run, ${int(last.gateRun.length)}): wait in the gate ${dist(last.gateWait)}; run (ingest + checkpoint) ${dist(last.gateRun)}, busy ${(100 * last.gateBusy).toFixed(0)}% of the window`,
+        `server-thread event-loop delay p99 ${f2(last.loopP99)} ms, max ${f2(last.loopMax)} ms; ${int(last.checkpoints)} checkpoints in the last run`,
         `probes lost ${lost}, rejected ${rejected}`,
         `SPEC §10 target p99 ≤ 5 ms: ${p99 <= 5 ? 'MET' : 'MISSED'}`,
-        'clients and server share one Node process',
+        'clients (background loader, probe sender, trigger sender) run in a worker thread; the server alone on the main thread (same process, 2 cores shared)',
       ].join('; ');
     },
   };
@@ -536,6 +426,7 @@ interface FanRun {
   subscribeMs: number;
   windowMs: number;
   bgRate: number;
+  bg: BackgroundCounters;
   start: MemSample;
   afterSubs: MemSample;
   afterSubsGc: number;
@@ -603,15 +494,12 @@ function memSample(server: CrmServer): MemSample {
 async function fanRun(s: FanState, runNo: number): Promise<{ run: FanRun; ns: bigint }> {
   const stack = await startStack({ backend: 'level', kpiCoalesceMs: 250 });
   const clients: FanClient[] = [];
-  let bg: Background;
-  try {
-    bg = new Background(stack.port, BACKGROUND_RATE, 101 + runNo);
-  } catch (err) {
-    await stack.close();
-    throw err;
-  }
+  let load: LoadWorker | null = null;
   let sampler: NodeJS.Timeout | null = null;
   try {
+    // The ingest runs in a worker thread; started (and its modules loaded) before anything is measured.
+    load = new LoadWorker({ mode: 'background', port: stack.port, key: KEY, rate: BACKGROUND_RATE, seed: 101 + runNo });
+    await load.next('ready', 60_000);
     // Some traffic first, so the snapshot has rows.
     const warm = new TrafficGenerator({ seed: 99 + runNo, users: 200_000, startTs: Date.now(), eventsPerSecond: BACKGROUND_RATE, diurnal: false, lateRate: 0 });
     const now = Date.now();
@@ -669,9 +557,10 @@ async function fanRun(s: FanState, runNo: number): Promise<{ run: FanRun; ns: bi
     sampler = setInterval(() => series.push(memSample(stack.server)), 1000);
     const w0 = process.hrtime.bigint();
     const tw = performance.now();
-    bg.start();
+    load.send({ type: 'start' });
     await sleep(s.durationMs);
-    await bg.stop();
+    load.send({ type: 'stop' });
+    const { bg } = await load.next('stopped', 60_000);
     // Two coalescing ticks for the last changes to go out and arrive.
     await sleep(600);
     for (const c of clients) c.counting = false;
@@ -697,14 +586,13 @@ async function fanRun(s: FanState, runNo: number): Promise<{ run: FanRun; ns: bi
       run: {
         fastFrames, fastBytes: fast.reduce((a, c) => a + c.bytes, 0), fastResnapshots: fast.reduce((a, c) => a + c.resnapshots, 0),
         minPerFast: Math.min(...fast.map((c) => c.frames)), maxPerFast: Math.max(...fast.map((c) => c.frames)),
-        framesSentByServer, snapshotRows, subscribeMs, windowMs, bgRate: bg.achievedRate,
+        framesSentByServer, snapshotRows, subscribeMs, windowMs, bgRate: bg.achievedRate, bg,
         start, afterSubs, afterSubsGc, peak, end, endGc, series,
       },
     };
   } finally {
     if (sampler !== null) clearInterval(sampler);
-    await bg.stop();
-    bg.close();
+    await load?.close();
     await terminateAll(clients.map((c) => c.ws));
     await stack.close();
   }
@@ -747,13 +635,13 @@ export function kpiFanoutScenario(clients = 1_000, slow = 100): Scenario<FanStat
       const growth = (a: number, b: number): string => `${b >= a ? '+' : ''}${mib(b - a)}`;
       return [
         `${int(s.clients)} ws clients (json) on /v1/kpis, day grain, ${int(s.slow)} slow (TCP socket paused after the snapshot); open-files limit ${s.fdLimit === null ? 'unknown' : String(s.fdLimit)}${s.reduced ? ` (REDUCED from 1,000 sockets to fit it)` : ''}`,
-        `LevelDB state, kpiCoalesceMs 250, background ${int(r.bgRate)} ev/s (target ${int(BACKGROUND_RATE)}) for ${(s.durationMs / 1000).toFixed(0)} s + 0.6 s to settle; last of ${s.runs.length} run(s) (first = warm-up)`,
+        `LevelDB state, kpiCoalesceMs 250, background ${int(r.bgRate)} ev/s (target ${int(BACKGROUND_RATE)}; ${int(r.bg.requests)} POSTs, ${int(r.bg.stalls)} ticks skipped with 4 in flight, ${int(r.bg.failed)} failed) for ${(s.durationMs / 1000).toFixed(0)} s + 0.6 s to settle; last of ${s.runs.length} run(s) (first = warm-up)`,
         `subscribe phase ${int(r.subscribeMs)} ms, snapshot ${r.snapshotRows} rows`,
         `fast clients: ${int(r.fastFrames)} delta frames (${f2(perFast)} each, min ${r.minPerFast}, max ${r.maxPerFast}; ${(r.fastBytes / MiB).toFixed(1)} MiB; ${r.fastResnapshots} re-snapshots)`,
         `one delta per ${int(r.windowMs / Math.max(1, perFast))} ms per client (coalescing 250 ms)`,
         `server sent ${int(r.framesSentByServer)} kpi frames; to slow sockets ≈ ${f2(perSlow)} each (≈ ${int((perSlow * r.fastBytes) / Math.max(1, r.fastFrames) / 1024)} KiB), i.e. ≈ ${f2(Math.max(0, perFast - perSlow))} per slow socket skipped for backpressure`,
         `uWS buffered (all sockets): max ${(r.peak.buffered / MiB).toFixed(1)} MiB, max one socket ${(r.peak.maxBuffered / MiB).toFixed(2)} MiB, at end ${(r.end.buffered / MiB).toFixed(1)} MiB (what the kernel's loopback buffers take — ${s.tcpMem} — never shows here; the server skips a socket above maxBufferedBytes 1 MiB of uWS buffer)`,
-        `process memory (server + clients + loader in one process), MiB: start rss ${mib(r.start.rss)} heap ${mib(r.start.heap)}; after subscriptions rss ${mib(r.afterSubs.rss)} heap ${mib(r.afterSubs.heap)} (after GC ${mib(r.afterSubsGc)}); during run max rss ${mib(r.peak.rss)} (${growth(r.afterSubs.rss, r.peak.rss)}) max heap ${mib(r.peak.heap)} (${growth(r.afterSubs.heap, r.peak.heap)}) max external ${mib(r.peak.external)}; end rss ${mib(r.end.rss)}, heap after GC ${mib(r.endGc)} (${growth(r.afterSubsGc, r.endGc)} vs after subscriptions)`,
+        `ingest loader in a worker thread, the ${int(s.clients)} ws clients in the main thread with the server; process memory (rss: whole process incl. the worker; heap/external: the main thread = server + clients), MiB: start rss ${mib(r.start.rss)} heap ${mib(r.start.heap)}; after subscriptions rss ${mib(r.afterSubs.rss)} heap ${mib(r.afterSubs.heap)} (after GC ${mib(r.afterSubsGc)}); during run max rss ${mib(r.peak.rss)} (${growth(r.afterSubs.rss, r.peak.rss)}) max heap ${mib(r.peak.heap)} (${growth(r.afterSubs.heap, r.peak.heap)}) max external ${mib(r.peak.external)}; end rss ${mib(r.end.rss)}, heap after GC ${mib(r.endGc)} (${growth(r.afterSubsGc, r.endGc)} vs after subscriptions)`,
         `rss per second: ${r.series.map((x) => mib(x.rss)).join(' ')}`,
       ].join('; ');
     },
