@@ -136,10 +136,12 @@ export class KpiHub {
         const after = await this.compute(grain);
         const changed: WireRow[] = [];
         for (const [key, x] of after.rows) if (before?.rows.get(key)?.text !== x.text) changed.push(x.row);
+        // Subscribers with the same view share one encoded frame (dashboards mostly ask the same).
+        const frames = new Map<string, Uint8Array | string | null>();
         for (const s of this.subs) {
           if (s.spec.grain !== grain) continue;
           if (s.stale) this.send(s, [...after.rows.values()].map((x) => x.row), true, false, after);
-          else if (changed.length > 0) this.send(s, changed, false, changed.some((r) => r.window < after.lastWindow), after);
+          else if (changed.length > 0) this.send(s, changed, false, changed.some((r) => r.window < after.lastWindow), after, frames);
         }
       }
     } finally {
@@ -147,21 +149,30 @@ export class KpiHub {
     }
   }
 
-  private send(s: Sub, rows: readonly WireRow[], snapshot: boolean, correction: boolean, view: GrainView): void {
+  /** `frames` (per tick): encoded frames by view, shared by subscribers with the same spec and id. */
+  private send(s: Sub, rows: readonly WireRow[], snapshot: boolean, correction: boolean, view: GrainView, frames?: Map<string, Uint8Array | string | null>): void {
     if (s.socket.closed) {
       this.subs.delete(s);
       return;
     }
-    const mine = rows.filter((r) => inView(s.spec, r)).map((r) => pick(s.spec, r));
-    if (!snapshot && mine.length === 0) return;
     if (s.socket.bufferedAmount() > this.maxBufferedBytes) {
       s.stale = true; // skipped now, a full snapshot when it has caught up
       return;
     }
+    const key = frames === undefined ? '' : `${s.socket.json ? 'j' : 'p'}|${JSON.stringify(s.spec)}`;
+    let frame = frames?.get(key);
+    if (frame === undefined) {
+      const mine = rows.filter((r) => inView(s.spec, r)).map((r) => pick(s.spec, r));
+      if (!snapshot && mine.length === 0) frame = null;
+      else {
+        const watermark = Number(view.version.split('|')[0]);
+        const msg = { id: s.spec.id, snapshot, rows: mine, watermark: Number.isFinite(watermark) ? watermark : 0, correction: correction && !snapshot };
+        frame = s.socket.json ? JSON.stringify({ kpis: msg }) : crmstream.v1.ServerFrame.encode({ kpis: msg }).finish();
+      }
+      frames?.set(key, frame);
+    }
+    if (frame === null) return;
     s.stale = false;
-    const watermark = Number(view.version.split('|')[0]);
-    const msg = { id: s.spec.id, snapshot, rows: mine, watermark: Number.isFinite(watermark) ? watermark : 0, correction: correction && !snapshot };
-    const frame = s.socket.json ? JSON.stringify({ kpis: msg }) : crmstream.v1.ServerFrame.encode({ kpis: msg }).finish();
     if (!s.socket.send(frame)) s.stale = true;
     this.framesSent++;
   }
