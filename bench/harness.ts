@@ -122,7 +122,7 @@ function takeSink(): number {
  * A full GC between timed runs, when it can be had: `--expose-gc`, else switched on at run time
  * (V8 accepts the flag late; the `gc` function then exists in new contexts).
  */
-const collect: (() => void) | null = (() => {
+export const collect: (() => void) | null = (() => {
   const g = (globalThis as { gc?: () => void }).gc;
   if (typeof g === 'function') return g;
   try {

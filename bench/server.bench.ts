@@ -45,8 +45,6 @@ import os from 'node:os';
 import path from 'node:path';
 import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
-import v8 from 'node:v8';
-import vm from 'node:vm';
 import { Worker } from 'node:worker_threads';
 import WebSocket from 'ws';
 import { sha256Hex } from '../api/auth.js';
@@ -55,7 +53,7 @@ import { CrmServer } from '../api/server.js';
 import { TriggerHub } from '../api/trigger-hub.js';
 import { Engine } from '../engine/engine.js';
 import { TrafficGenerator } from '../engine/sources/generator.js';
-import { consume, type Scenario, type TimedItems } from './harness.js';
+import { collect, consume, type Scenario, type TimedItems } from './harness.js';
 import {
   BACKGROUND_TICK_MS, compact, type BackgroundCounters, type LoadCommand, type LoadData, type LoadMessage,
 } from './server-load.worker.js';
@@ -69,18 +67,6 @@ const LOAD_WORKER_URL = new URL('./server-load.worker.js', import.meta.url);
 // ---------------------------------------------------------------------------------------------------
 // Shared pieces
 
-/** A full GC when it can be had (the harness switches `--expose-gc` on at load time). */
-const gc: (() => void) | null = (() => {
-  const g = (globalThis as { gc?: () => void }).gc;
-  if (typeof g === 'function') return g;
-  try {
-    v8.setFlagsFromString('--expose-gc');
-    const fn: unknown = vm.runInNewContext('gc');
-    return typeof fn === 'function' ? (fn as () => void) : null;
-  } catch {
-    return null;
-  }
-})();
 
 interface Stack {
   engine: Engine;
@@ -504,7 +490,7 @@ async function fanRun(s: FanState, runNo: number): Promise<{ run: FanRun; ns: bi
     const warm = new TrafficGenerator({ seed: 99 + runNo, users: 200_000, startTs: Date.now(), eventsPerSecond: BACKGROUND_RATE, diurnal: false, lateRate: 0 });
     const now = Date.now();
     await stack.gate.run((e) => e.ingest(Array.from({ length: 5_000 }, () => compact(warm.nextEvent(), now))));
-    gc?.();
+    collect?.();
     const start = memSample(stack.server);
     let snapshotRows = 0;
     const t0 = performance.now();
@@ -547,7 +533,7 @@ async function fanRun(s: FanState, runNo: number): Promise<{ run: FanRun; ns: bi
     }
     const subscribeMs = performance.now() - t0;
     const afterSubs = memSample(stack.server);
-    gc?.();
+    collect?.();
     const afterSubsGc = process.memoryUsage().heapUsed;
 
     // The measured window: ingest at 20k ev/s, every fast client counting its frames.
@@ -570,7 +556,7 @@ async function fanRun(s: FanState, runNo: number): Promise<{ run: FanRun; ns: bi
     sampler = null;
     const end = memSample(stack.server);
     series.push(end);
-    gc?.();
+    collect?.();
     const endGc = process.memoryUsage().heapUsed;
     const framesSentByServer = stack.server.kpis.framesSent - framesBefore;
 

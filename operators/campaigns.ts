@@ -3,6 +3,7 @@ import type { EventColumns } from '../engine/batch.js';
 import { Calendar } from '../engine/calendar.js';
 import { EventType } from '../engine/event-types.js';
 import { hashA, hashB } from '../engine/hash.js';
+import { upperBound } from '../engine/sorted.js';
 import { Topic } from '../engine/outbox.js';
 import type { BinReader, BinWriter } from '../state/codec.js';
 import type { KvStore, WriteOp } from '../state/store.js';
@@ -85,17 +86,6 @@ export class CampUser {
   timerTs = Number.NaN;
 }
 
-function insertAt(a: number[], v: number): number {
-  let lo = 0;
-  let hi = a.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >> 1;
-    if (a[mid]! <= v) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
 const campSlot: StateSlot<CampUser> = {
   id: 4,
   create: () => new CampUser(),
@@ -173,7 +163,7 @@ const campSlot: StateSlot<CampUser> = {
       if (c === undefined || ts > c[0] || (ts === c[0] && v > c[1])) into.consent.set(k, [ts, v]);
     }
     for (let i = 0; i < from.sendTs.length; i++) {
-      const at = insertAt(into.sendTs, from.sendTs[i]!);
+      const at = upperBound(into.sendTs, from.sendTs[i]!);
       into.sendTs.splice(at, 0, from.sendTs[i]!);
       into.sendCamp.splice(at, 0, from.sendCamp[i]!);
       into.sendChan.splice(at, 0, from.sendChan[i]!);
@@ -189,7 +179,7 @@ const campSlot: StateSlot<CampUser> = {
     }
     for (const [k, list] of from.unless) {
       const to = into.unless.get(k) ?? [];
-      for (const ts of list) to.splice(insertAt(to, ts), 0, ts);
+      for (const ts of list) to.splice(upperBound(to, ts), 0, ts);
       into.unless.set(k, to);
     }
     for (const [k, ts] of from.daily) if (!(into.daily.get(k)! <= ts)) into.daily.set(k, ts);
@@ -461,7 +451,7 @@ export class CampaignOperator implements Operator {
   private noteUnless(u: CampUser, type: string, t: number, watermark: number): void {
     let list = u.unless.get(type);
     if (list === undefined) u.unless.set(type, (list = []));
-    list.splice(insertAt(list, t), 0, t);
+    list.splice(upperBound(list, t), 0, t);
     const floor = watermark - this.keepUnlessMs;
     let drop = 0;
     while (drop < list.length - 1 && list[drop]! < floor) drop++;
@@ -481,7 +471,7 @@ export class CampaignOperator implements Operator {
     if (trig.unless !== undefined) {
       const list = u.unless.get(trig.unless);
       if (list !== undefined) {
-        const at = insertAt(list, t);
+        const at = upperBound(list, t);
         if (at < list.length) stop = list[at]!;
       }
     }
@@ -684,7 +674,7 @@ export class CampaignOperator implements Operator {
     if (control) cell[FI.control]! += 1;
     else {
       cell[FI.sent]! += 1;
-      const at = insertAt(u.sendTs, sendAt);
+      const at = upperBound(u.sendTs, sendAt);
       u.sendTs.splice(at, 0, sendAt);
       u.sendCamp.splice(at, 0, c.id);
       u.sendChan.splice(at, 0, channels[0]!);

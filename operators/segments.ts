@@ -3,6 +3,7 @@ import { crmstream } from '../api/proto/gen/crmstream.js';
 import type { EventColumns } from '../engine/batch.js';
 import { Calendar } from '../engine/calendar.js';
 import { EventType, isActivity } from '../engine/event-types.js';
+import { upperBound } from '../engine/sorted.js';
 import { Topic } from '../engine/outbox.js';
 import type { BinReader, BinWriter } from '../state/codec.js';
 import type { KvStore, WriteOp } from '../state/store.js';
@@ -81,17 +82,6 @@ export class SegUser {
     this.since = new Array<number>(nSegs).fill(Number.NaN);
     this.next = new Array<number>(nSegs).fill(NEVER);
   }
-}
-
-function upperBound(a: readonly number[], t: number): number {
-  let lo = 0;
-  let hi = a.length;
-  while (lo < hi) {
-    const mid = (lo + hi) >> 1;
-    if (a[mid]! <= t) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
 }
 
 function insertSorted(h: TypeHist, ts: number, amt: number): void {
