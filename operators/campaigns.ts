@@ -262,6 +262,8 @@ export class CampaignOperator implements Operator {
   private readonly attributionMs: number;
   /** How long recent triggers, sends and unless times are kept after they stop mattering. */
   private readonly keepSendsMs: number;
+  /** The file's caps across campaigns, windows in ms. */
+  private readonly globalCaps: readonly { scope: 'user' | 'channel'; channel: string; max: number; within: number }[];
   private readonly keepRecentMs: number;
   private readonly keepUnlessMs: number;
   private readonly segments: SegmentOperator;
@@ -297,7 +299,8 @@ export class CampaignOperator implements Operator {
       } else if ('segment' in t) add(this.bySegment, t.segment);
     }
     this.daily = this.campaigns.filter((c) => 'daily' in c.def.trigger);
-    const maxCap = Math.max(0, ...this.campaigns.flatMap((c) => c.caps.map((x) => x.within)), ...file.caps.map((c) => durationMs(c.within)));
+    this.globalCaps = file.caps.map((c) => ({ scope: c.scope, channel: c.channel ?? '', max: c.max, within: durationMs(c.within) }));
+    const maxCap = Math.max(0, ...this.campaigns.flatMap((c) => c.caps.map((x) => x.within)), ...this.globalCaps.map((c) => c.within));
     this.keepSendsMs = maxCap;
     this.keepRecentMs = Math.max(this.attributionMs, 7 * 86_400_000) + opts.allowedLatenessMs;
     this.keepUnlessMs = Math.max(0, ...this.campaigns.flatMap((c) => c.delays)) + opts.allowedLatenessMs;
@@ -504,8 +507,7 @@ export class CampaignOperator implements Operator {
       else {
         // Tier order is the definition order, highest first: a move to an earlier tier is up.
         if (change !== 'tier_change') continue;
-        const tiers = this.segments.tierNames().get(segment) ?? [];
-        const up = tiers.indexOf(tier) < tiers.indexOf(previous);
+        const up = this.segments.tierRank(segment, tier) < this.segments.tierRank(segment, previous);
         hit = on === 'tier_up' ? up : !up;
       }
       if (!hit || (trig.tier !== undefined && trig.tier !== tier)) continue;
@@ -726,10 +728,9 @@ export class CampaignOperator implements Operator {
       return n;
     };
     for (const cap of c.caps) if (count(cap.within, (k) => u.sendCamp[k] === c.id) >= cap.max) return true;
-    for (const cap of this.file.caps) {
-      const w = durationMs(cap.within);
-      if (cap.scope === 'user' && count(w, () => true) >= cap.max) return true;
-      if (cap.scope === 'channel' && cap.channel === channel && count(w, (k) => u.sendChan[k] === channel) >= cap.max) return true;
+    for (const cap of this.globalCaps) {
+      if (cap.scope === 'user' && count(cap.within, () => true) >= cap.max) return true;
+      if (cap.scope === 'channel' && cap.channel === channel && count(cap.within, (k) => u.sendChan[k] === channel) >= cap.max) return true;
     }
     return false;
   }

@@ -435,6 +435,11 @@ interface SegLayout {
   segs: { id: string; key: string; tiers: string[] }[];
 }
 
+/** The same rules in the same order (descriptions aside): records and memberships need no change. */
+function sameRules(layout: SegLayout, p: SegmentProgram): boolean {
+  return layout.segs.length === p.segments.length && layout.segs.every((s, i) => s.key === p.segments[i]!.key);
+}
+
 function layoutOf(p: SegmentProgram): SegLayout {
   return {
     types: [...p.types.keys()],
@@ -616,9 +621,7 @@ export class SegmentOperator implements Operator {
       this.switchTo(next, input.watermark, input.maxTs, true);
       return 'reload';
     }
-    const current = this.layouts[this.layoutNo]!;
-    const same = current.segs.length === next.segments.length && current.segs.every((s, i) => s.key === next.segments[i]!.key);
-    if (!same) {
+    if (!sameRules(this.layouts[this.layoutNo]!, next)) {
       this.switchTo(next, input.watermark, input.maxTs, false);
       return 'reload';
     }
@@ -633,15 +636,15 @@ export class SegmentOperator implements Operator {
   reload(defs: readonly SegmentDef[], watermark: number, maxTs: number): SegmentReloadReport {
     if (this.scan !== null) throw new CrmError('ENGINE_BUSY', 'a segment scan is still running; reload when it has finished');
     const next = new SegmentProgram(defs, this.opts.timeZone);
-    const before = this.layouts[this.layoutNo]!;
-    const report = this.switchTo(next, watermark, maxTs, false);
-    if (before.segs.length === next.segments.length && before.segs.every((s, i) => s.key === next.segments[i]!.key)) {
-      // Same rules (perhaps reworded descriptions): nothing to do.
-      this.layouts.pop();
-      this.layoutNo = this.layouts.length - 1;
-      this.scan = null;
+    if (sameRules(this.layouts[this.layoutNo]!, next)) {
+      // Same rules (perhaps reworded descriptions): the layout, state and timers stay as they are.
+      this.install(next);
+      return {
+        added: [], changed: [], removed: [], unchanged: next.segments.map((sg) => sg.id),
+        building: [...this.building].map(([id, r]) => ({ id, ready_at: Number.isFinite(r) ? r : null })),
+      };
     }
-    return report;
+    return this.switchTo(next, watermark, maxTs, false);
   }
 
   /** The layout and provenance move from the current rules to `next`; a scan is set up. */
@@ -1069,6 +1072,12 @@ export class SegmentOperator implements Operator {
     if (s === undefined) return false;
     const m = (rec.slots[this.slotIndex] as SegUser).member[s]!;
     return m > 0 && (tier === undefined || this.program.segments[s]!.tiers[m - 1] === tier);
+  }
+
+  /** Position of `tier` in segment `id`'s tiers (definition order, highest first); −1 if none. */
+  tierRank(id: string, tier: string): number {
+    const s = this.segIndexById.get(id);
+    return s === undefined ? -1 : this.program.segments[s]!.tiers.indexOf(tier);
   }
 
   /** Segment id → tier names ([''] for an untiered one), in definition order. */
