@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { CrmError } from '../engine/errors.js';
-import { durationMs } from './segment-rules.js';
+import { durationMs, issuePlace } from './segment-rules.js';
 
 /**
  * The campaign language (docs/CAMPAIGNS.md): trigger + audience + action + guardrails + experiment,
@@ -133,15 +133,7 @@ function audienceSegments(a: Audience, out: { segment: string; tier?: string }[]
 export function parseCampaigns(input: unknown, segments: ReadonlyMap<string, readonly string[]>, source = 'campaigns'): CampaignFile {
   const parsed = campaignFile.safeParse(input);
   const problems: string[] = [];
-  const raw = (input as { campaigns?: unknown[] } | null)?.campaigns;
-  const where = (path: readonly PropertyKey[]): string => {
-    if (path[0] === 'campaigns' && typeof path[1] === 'number') {
-      const id = (raw?.[path[1]] as { id?: unknown } | undefined)?.id;
-      const rest = path.slice(2).join('.');
-      return `campaign ${typeof id === 'string' ? `'${id}'` : '(no id)'} (#${path[1] + 1})${rest ? `: ${rest}` : ''}`;
-    }
-    return path.length ? path.join('.') : '(root)';
-  };
+  const where = issuePlace(input, 'campaigns', 'campaign');
   if (!parsed.success) {
     for (const i of parsed.error.issues) problems.push(`${where(i.path)}: ${i.message}`);
   } else {

@@ -88,21 +88,31 @@ function references(c: Condition, out: { inSegment: string; tier?: string }[]): 
 }
 
 /**
+ * Names the place of a validation issue in a document `{<list>: [{id, …}, …]}`: for an item of the
+ * list, `<noun> '<id>' (#n): <path within it>` (the id as written, so a bad id is named too);
+ * elsewhere the path. Shared by the segment and campaign files.
+ */
+export function issuePlace(input: unknown, list: string, noun: string): (path: readonly PropertyKey[]) => string {
+  const raw = (input as Record<string, unknown> | null)?.[list];
+  const items = Array.isArray(raw) ? raw : undefined;
+  return (path) => {
+    if (path[0] === list && typeof path[1] === 'number') {
+      const id = (items?.[path[1]] as { id?: unknown } | undefined)?.id;
+      const rest = path.slice(2).join('.');
+      return `${noun} ${typeof id === 'string' ? `'${id}'` : '(no id)'} (#${path[1] + 1})${rest ? `: ${rest}` : ''}`;
+    }
+    return path.length ? path.join('.') : '(root)';
+  };
+}
+
+/**
  * Validates a rule document into segment definitions. Throws CONFIG_INVALID listing every problem
  * as `segment <id> (#n): <path>: <message>`.
  */
 export function parseSegments(input: unknown, source = 'segments'): SegmentDef[] {
   const parsed = segmentFile.safeParse(input);
   const problems: string[] = [];
-  const raw = (input as { segments?: unknown[] } | null)?.segments;
-  const where = (path: readonly PropertyKey[]): string => {
-    if (path[0] === 'segments' && typeof path[1] === 'number') {
-      const id = (raw?.[path[1]] as { id?: unknown } | undefined)?.id;
-      const rest = path.slice(2).join('.');
-      return `segment ${typeof id === 'string' ? `'${id}'` : '(no id)'} (#${path[1] + 1})${rest ? `: ${rest}` : ''}`;
-    }
-    return path.length ? path.join('.') : '(root)';
-  };
+  const where = issuePlace(input, 'segments', 'segment');
   if (!parsed.success) {
     for (const i of parsed.error.issues) problems.push(`${where(i.path)}: ${i.message}`);
   } else {
