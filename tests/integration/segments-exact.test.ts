@@ -9,9 +9,10 @@ import type { EventColumns } from '../../engine/batch.js';
 import { parseMap } from '../../engine/sources/csv.js';
 import { SortedInput } from '../../engine/sources/files.js';
 import { BUILTIN_SEGMENTS, withBuiltins, type SegmentDef } from '../../operators/segment-rules.js';
+import { engineMembership, membershipDiff, toSegEvent, type Membership } from '../oracle/membership.js';
 import { SegmentOracle, type SegEvent } from '../oracle/segment-oracle.js';
 import { segmentsArb } from '../oracle/segment-rule-arb.js';
-import { streamArb, type StreamEvent } from '../oracle/streams.js';
+import { streamArb } from '../oracle/streams.js';
 import { PROJECT_ROOT, SHARED_DATA } from '../helpers.js';
 
 /**
@@ -28,28 +29,6 @@ beforeAll(async () => {
   oracle = await SegmentOracle.create();
 });
 afterAll(async () => oracle?.close());
-
-type Membership = Map<string, Map<string, string>>;
-
-async function engineMembership(engine: Engine): Promise<Membership> {
-  const out: Membership = new Map(engine.segmentIds().map((id) => [id, new Map<string, string>()]));
-  for await (const x of engine.segmentMemberships()) out.get(x.segment)!.set(x.user_id, x.tier);
-  return out;
-}
-
-function diff(a: Membership, b: Membership, label: string): string[] {
-  const out: string[] = [];
-  for (const [id, ma] of a) {
-    const mb = b.get(id) ?? new Map<string, string>();
-    for (const [u, tier] of ma) if (mb.get(u) !== tier) out.push(`${label} ${id}: ${u} is '${tier}' here, '${mb.get(u) ?? '(out)'}' there`);
-    for (const [u, tier] of mb) if (!ma.has(u)) out.push(`${label} ${id}: ${u} is out here, '${tier}' there`);
-  }
-  return out.slice(0, 30);
-}
-
-function toSeg(e: StreamEvent): SegEvent {
-  return { ...e, amount: e.amount ?? Number.NaN };
-}
 
 describe('segment membership equals the DuckDB oracle', () => {
   it('built-ins + 10 random rules on generated streams, at every sample; the change records replay to it (property)', async () => {
@@ -73,19 +52,19 @@ describe('segment membership equals the DuckDB oracle', () => {
           for (let at = 0; at < c.events.length; at += step) {
             const slice = c.events.slice(at, at + step);
             const r = await engine.ingest(slice);
-            slice.forEach((e, j) => r.reasons[j] === '' && accepted.push(toSeg(e)));
+            slice.forEach((e, j) => r.reasons[j] === '' && accepted.push(toSegEvent(e)));
             if (!Number.isFinite(engine.watermark)) continue;
             const mine = await engineMembership(engine); // checkpoints: the records are out
             await oracle.load(accepted);
             const theirs = await oracle.members(defs, engine.watermark, c.timeZone);
-            expect(diff(mine, theirs, `t=${engine.watermark}`)).toEqual([]);
-            expect(diff(replay, mine, 'replayed')).toEqual([]);
+            expect(membershipDiff(mine, theirs, `t=${engine.watermark}`)).toEqual([]);
+            expect(membershipDiff(replay, mine, 'replayed')).toEqual([]);
           }
           // Time passes with no events: every timer-driven exit and entry, then the same check.
           await engine.advanceTo(engine.watermark + 40 * 86_400_000);
           const mine = await engineMembership(engine);
-          expect(diff(mine, await oracle.members(defs, engine.watermark, c.timeZone), 'after 40 idle days')).toEqual([]);
-          expect(diff(replay, mine, 'replayed')).toEqual([]);
+          expect(membershipDiff(mine, await oracle.members(defs, engine.watermark, c.timeZone), 'after 40 idle days')).toEqual([]);
+          expect(membershipDiff(replay, mine, 'replayed')).toEqual([]);
           // Segment sizes (a KPI per window): the watermark's day row is the member count.
           const sizes = await engine.segmentSizes('day');
           for (const [id, m] of mine) {
@@ -126,9 +105,9 @@ describe.skipIf(!haveData)('segment membership on the real data', () => {
       rowsOf(item.batch, accepted);
     }
     await oracle.load(accepted);
-    expect(diff(await engineMembership(engine), await oracle.members(defs, engine.watermark, tz), 'end')).toEqual([]);
+    expect(membershipDiff(await engineMembership(engine), await oracle.members(defs, engine.watermark, tz), 'end')).toEqual([]);
     await engine.advanceTo(engine.watermark + laterDays * 86_400_000);
-    expect(diff(await engineMembership(engine), await oracle.members(defs, engine.watermark, tz), `+${laterDays}d`)).toEqual([]);
+    expect(membershipDiff(await engineMembership(engine), await oracle.members(defs, engine.watermark, tz), `+${laterDays}d`)).toEqual([]);
     await engine.close();
   }
 

@@ -5,6 +5,7 @@ import { crmstream } from '../../api/proto/gen/crmstream.js';
 import { Engine } from '../../engine/engine.js';
 import { Topic } from '../../engine/outbox.js';
 import { parseSegments, withBuiltins, type SegmentDef } from '../../operators/segment-rules.js';
+import { engineMembership, membershipDiff, toSegEvent, type Membership } from '../oracle/membership.js';
 import { SegmentOracle, type SegEvent } from '../oracle/segment-oracle.js';
 import { segmentsArb } from '../oracle/segment-rule-arb.js';
 import { streamArb, type StreamEvent } from '../oracle/streams.js';
@@ -27,27 +28,6 @@ beforeAll(async () => {
   oracle = await SegmentOracle.create();
 });
 afterAll(async () => oracle?.close());
-
-type Membership = Map<string, Map<string, string>>;
-
-async function engineMembership(engine: Engine): Promise<Membership> {
-  const out: Membership = new Map(engine.segmentIds().map((id) => [id, new Map<string, string>()]));
-  for await (const x of engine.segmentMemberships()) out.get(x.segment)!.set(x.user_id, x.tier);
-  return out;
-}
-
-function diff(a: Membership, b: Membership, label: string, only?: (id: string) => boolean): string[] {
-  const out: string[] = [];
-  for (const [id, ma] of a) {
-    if (only !== undefined && !only(id)) continue;
-    const mb = b.get(id) ?? new Map<string, string>();
-    for (const [u, tier] of ma) if (mb.get(u) !== tier) out.push(`${label} ${id}: ${u} is '${tier}' here, '${mb.get(u) ?? '(out)'}' there`);
-    for (const [u, tier] of mb) if (!ma.has(u)) out.push(`${label} ${id}: ${u} is out here, '${tier}' there`);
-  }
-  return out.slice(0, 30);
-}
-
-const toSeg = (e: StreamEvent): SegEvent => ({ ...e, amount: e.amount ?? Number.NaN });
 
 /** Replays SegmentChange records into a membership (every segment ever seen). */
 function replayer(engine: Engine): { replay: Membership; count: () => number } {
@@ -92,7 +72,7 @@ describe('segment rules reloaded in a running engine', () => {
           const cut = Math.floor((c.events.length * cutAt) / 4);
           const ingest = async (slice: StreamEvent[]): Promise<void> => {
             const r = await engine.ingest(slice);
-            slice.forEach((e, j) => r.reasons[j] === '' && accepted.push(toSeg(e)));
+            slice.forEach((e, j) => r.reasons[j] === '' && accepted.push(toSegEvent(e)));
           };
           await ingest(c.events.slice(0, cut));
           const report = await engine.reloadSegments(b);
@@ -111,10 +91,10 @@ describe('segment rules reloaded in a running engine', () => {
             for (const [id, m] of mine) if (!live(id)) expect(m.size, `${label} building ${id} has members`).toBe(0);
             await oracle.load(accepted);
             if (Number.isFinite(engine.watermark)) {
-              expect(diff(mine, await oracle.members(defsB, engine.watermark, c.timeZone), label, live)).toEqual([]);
+              expect(membershipDiff(mine, await oracle.members(defsB, engine.watermark, c.timeZone), label, live)).toEqual([]);
             }
             // Replayed changes: every current segment as it is, every removed one empty.
-            expect(diff(replay, mine, `${label} replayed`, (id) => mine.has(id))).toEqual([]);
+            expect(membershipDiff(replay, mine, `${label} replayed`, (id) => mine.has(id))).toEqual([]);
             for (const [id, m] of replay) if (!mine.has(id)) expect(m.size, `${label} removed ${id} still has members in the replay`).toBe(0);
           };
           await check('after reload');
