@@ -30,7 +30,7 @@
  *  - first-touch ties on time go to the smaller channel by DuckDB's binary (UTF-8 byte) order, which
  *    equals JS string order except between astral characters and U+E000..U+FFFF.
  */
-import { DuckDBInstance, type DuckDBConnection, type DuckDBValue } from '@duckdb/node-api';
+import { DuckDBInstance, type DuckDBAppender, type DuckDBConnection, type DuckDBValue } from '@duckdb/node-api';
 import type { CohortRow, FunnelRow, KpiRow } from '../../operators/kpi-rows.js';
 
 export interface OracleEvent {
@@ -44,6 +44,26 @@ export interface OracleEvent {
   amount: number;
   channel: string;
   platform: string;
+}
+
+/** The accepted events table both oracles load (seq = arrival order). */
+export const EVENTS_DDL = `CREATE OR REPLACE TABLE events (
+  seq BIGINT, event_id VARCHAR, type VARCHAR, user_id VARCHAR, anonymous_id VARCHAR,
+  ts BIGINT, amount DOUBLE, channel VARCHAR, platform VARCHAR)`;
+
+/** One event as a row of `events` (EVENTS_DDL). */
+export function appendEvent(appender: DuckDBAppender, e: OracleEvent, seq: number): void {
+  if (!Number.isSafeInteger(e.ts)) throw new Error(`oracle: event ${e.event_id} has a non-integer ts ${e.ts}`);
+  appender.appendBigInt(BigInt(seq));
+  appender.appendVarchar(e.event_id);
+  appender.appendVarchar(e.type);
+  appender.appendVarchar(e.user_id);
+  appender.appendVarchar(e.anonymous_id);
+  appender.appendBigInt(BigInt(e.ts));
+  appender.appendDouble(e.amount);
+  appender.appendVarchar(e.channel);
+  appender.appendVarchar(e.platform);
+  appender.endRow();
 }
 
 export interface OracleOptions {
@@ -428,24 +448,10 @@ export class KpiOracle {
 
   /** events = the ACCEPTED events in arrival order. Replaces any previous load. */
   async load(events: readonly OracleEvent[]): Promise<void> {
-    await this.conn.run(`CREATE OR REPLACE TABLE events (
-      seq BIGINT, event_id VARCHAR, type VARCHAR, user_id VARCHAR, anonymous_id VARCHAR,
-      ts BIGINT, amount DOUBLE, channel VARCHAR, platform VARCHAR)`);
+    await this.conn.run(EVENTS_DDL);
     const appender = await this.conn.createAppender('events');
     try {
-      events.forEach((e, seq) => {
-        if (!Number.isSafeInteger(e.ts)) throw new Error(`oracle: event ${e.event_id} has a non-integer ts ${e.ts}`);
-        appender.appendBigInt(BigInt(seq));
-        appender.appendVarchar(e.event_id);
-        appender.appendVarchar(e.type);
-        appender.appendVarchar(e.user_id);
-        appender.appendVarchar(e.anonymous_id);
-        appender.appendBigInt(BigInt(e.ts));
-        appender.appendDouble(e.amount);
-        appender.appendVarchar(e.channel);
-        appender.appendVarchar(e.platform);
-        appender.endRow();
-      });
+      events.forEach((e, seq) => appendEvent(appender, e, seq));
       appender.flushSync();
     } finally {
       appender.closeSync();

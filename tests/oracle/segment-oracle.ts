@@ -43,18 +43,10 @@
  */
 import { DuckDBInstance, type DuckDBConnection } from '@duckdb/node-api';
 import { durationMs, type Condition, type SegmentDef } from '../../operators/segment-rules.js';
+import { EVENTS_DDL, appendEvent, type OracleEvent } from './kpi-oracle.js';
 
-export interface SegEvent {
-  event_id: string;
-  type: string;
-  user_id: string;
-  anonymous_id: string;
-  /** ms UTC */
-  ts: number;
-  /** NaN or a number; NaN counts as 0. */
-  amount: number;
-  channel: string;
-  platform: string;
+/** An accepted event as the KPI oracle takes it, plus its props. */
+export interface SegEvent extends OracleEvent {
   props?: Record<string, string>;
 }
 
@@ -222,26 +214,12 @@ export class SegmentOracle {
 
   /** events = the ACCEPTED events in arrival order (it decides aliases). Replaces any previous load. */
   async load(events: readonly SegEvent[]): Promise<void> {
-    await this.conn.run(`
-      CREATE OR REPLACE TABLE events (
-        seq BIGINT, event_id VARCHAR, type VARCHAR, user_id VARCHAR, anonymous_id VARCHAR,
-        ts BIGINT, amount DOUBLE, channel VARCHAR, platform VARCHAR);
-      CREATE OR REPLACE TABLE event_props (seq BIGINT, key VARCHAR, value VARCHAR);`);
+    await this.conn.run(`${EVENTS_DDL}; CREATE OR REPLACE TABLE event_props (seq BIGINT, key VARCHAR, value VARCHAR);`);
     const ev = await this.conn.createAppender('events');
     const props = await this.conn.createAppender('event_props');
     try {
       events.forEach((e, seq) => {
-        if (!Number.isSafeInteger(e.ts)) throw new Error(`segment oracle: event ${e.event_id} has a non-integer ts ${e.ts}`);
-        ev.appendBigInt(BigInt(seq));
-        ev.appendVarchar(e.event_id);
-        ev.appendVarchar(e.type);
-        ev.appendVarchar(e.user_id);
-        ev.appendVarchar(e.anonymous_id);
-        ev.appendBigInt(BigInt(e.ts));
-        ev.appendDouble(e.amount);
-        ev.appendVarchar(e.channel);
-        ev.appendVarchar(e.platform);
-        ev.endRow();
+        appendEvent(ev, e, seq);
         for (const [key, value] of Object.entries(e.props ?? {})) {
           props.appendBigInt(BigInt(seq));
           props.appendVarchar(key);
