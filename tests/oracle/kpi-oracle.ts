@@ -117,8 +117,12 @@ CREATE OR REPLACE MACRO net_revenue(type, amount) AS
   coalesce(sum(amount) FILTER (WHERE type = 'purchase'), 0) - coalesce(sum(amount) FILTER (WHERE type = 'refund'), 0);
 `;
 
-/** Identity stitching and first touch: depends only on the events, so built once per load(). */
-const RESOLVE = `
+/**
+ * Identity stitching and first touch: `user_events`, every non-cost event with its canonical user
+ * `uid` (docs/KPIS.md "Inputs"), net amount, activity flag and first-touch channel. Both oracles
+ * build it once per load().
+ */
+export const USER_EVENTS_SQL = `
 CREATE OR REPLACE TABLE user_events AS
 WITH
   -- An alias is made by the first accepted event in arrival order carrying both ids; later,
@@ -145,6 +149,9 @@ WITH
     FROM resolved WHERE is_activity GROUP BY uid)
 SELECT r.*, f.first_touch_channel
 FROM resolved r LEFT JOIN first_touch f USING (uid);
+`;
+
+const RESOLVE = `${USER_EVENTS_SQL}
 
 CREATE OR REPLACE TABLE cost_events AS
 SELECT seq, ts, channel, platform, CASE WHEN isnan(amount) THEN 0 ELSE amount END AS amount

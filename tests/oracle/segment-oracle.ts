@@ -43,35 +43,15 @@
  */
 import { DuckDBInstance, type DuckDBConnection } from '@duckdb/node-api';
 import { durationMs, type Condition, type SegmentDef } from '../../operators/segment-rules.js';
-import { EVENTS_DDL, appendEvent, type OracleEvent } from './kpi-oracle.js';
+import { EVENTS_DDL, USER_EVENTS_SQL, appendEvent, type OracleEvent } from './kpi-oracle.js';
 
 /** An accepted event as the KPI oracle takes it, plus its props. */
 export interface SegEvent extends OracleEvent {
   props?: Record<string, string>;
 }
 
-/** Identity stitching: depends only on the events, so built once per load(). */
-const RESOLVE = `
-CREATE OR REPLACE TABLE user_events AS
-WITH
-  -- An alias is made by the first accepted event in arrival order carrying both ids; later,
-  -- conflicting pairings are ignored. Cost events are not user events and never alias.
-  aliases AS (
-    SELECT anonymous_id, arg_min(user_id, seq) AS member
-    FROM events
-    WHERE type <> 'cost' AND user_id <> '' AND anonymous_id <> ''
-    GROUP BY anonymous_id)
--- Canonical user: the user_id, else the member the anonymous id is aliased to (retroactively:
--- events before the stitch included), else the anonymous profile.
-SELECT e.seq, e.type, e.ts, e.platform,
-       CASE WHEN isnan(e.amount) THEN 0 ELSE e.amount END AS amount,
-       CASE WHEN e.user_id <> '' THEN e.user_id
-            WHEN a.member IS NOT NULL THEN a.member
-            ELSE 'anon:' || e.anonymous_id END AS uid,
-       -- Activity: any user event except message_* (cost is already excluded).
-       NOT starts_with(e.type, 'message_') AS is_activity
-FROM events e LEFT JOIN aliases a ON a.anonymous_id = e.anonymous_id
-WHERE e.type <> 'cost';
+/** Identity stitching (the KPI oracle's user_events), then the props of user events. */
+const RESOLVE = `${USER_EVENTS_SQL}
 
 -- Props of user events, with their event's user and time (cost events' props belong to nobody).
 CREATE OR REPLACE TABLE user_props AS
