@@ -24,7 +24,9 @@ export class ProfileTable {
   private readonly cache = new Map<string, UserRecord>();
   private readonly dirtyList: UserRecord[] = [];
   private readonly writer = new BinWriter(512);
-  private readonly scratch = new BinWriter(256);
+  /** Checkpoint arena: every dirty record of one snapshot, back to back. */
+  private readonly arena = new BinWriter(1 << 16);
+  private readonly bounds: number[] = [];
   private readonly reader = new BinReader();
   private readonly slotIndexById = new Map<number, number>();
   private store: KvStore | null = null;
@@ -150,22 +152,46 @@ export class ProfileTable {
   }
 
   encode(rec: UserRecord): Uint8Array {
-    const w = this.writer.reset();
+    return this.encodeInto(rec, this.writer.reset()).take();
+  }
+
+  /** Appends the record's encoding (format byte, then each slot id and its length-prefixed bytes). */
+  private encodeInto(rec: UserRecord, w: BinWriter): BinWriter {
     w.u8(FORMAT).uint(this.slots.length);
     for (let i = 0; i < this.slots.length; i++) {
       const slot = this.slots[i]!;
-      const s = this.scratch.reset();
-      slot.encode(rec.slots[i], s);
-      w.uint(slot.id).bytes(s.written());
+      w.uint(slot.id);
+      const at = w.beginLen();
+      slot.encode(rec.slots[i], w);
+      w.endLen(at);
     }
-    return w.take();
+    return w;
   }
 
-  /** Puts every dirty record (deletes the merged ones) into the checkpoint batch. */
+  /**
+   * Puts every dirty record (deletes the merged ones) into the checkpoint batch. All records are
+   * encoded into one arena and handed out as views of it: one buffer per checkpoint instead of one
+   * allocation per record (the store copies values in write(), so the arena is reused).
+   */
   snapshot(ops: WriteOp[]): void {
+    const w = this.arena.reset();
+    const bounds = this.bounds;
+    bounds.length = 0;
     for (const rec of this.dirtyList) {
-      if (rec.deleted) ops.push({ type: 'del', key: USER_PREFIX + rec.id });
-      else ops.push({ type: 'put', key: USER_PREFIX + rec.id, value: this.encode(rec) });
+      if (rec.deleted) {
+        ops.push({ type: 'del', key: USER_PREFIX + rec.id });
+        continue;
+      }
+      bounds.push(w.pos);
+      this.encodeInto(rec, w);
+    }
+    bounds.push(w.pos);
+    const buf = w.written(); // only now: the arena may have grown while encoding
+    let k = 0;
+    for (const rec of this.dirtyList) {
+      if (rec.deleted) continue;
+      ops.push({ type: 'put', key: USER_PREFIX + rec.id, value: buf.subarray(bounds[k]!, bounds[k + 1]!) });
+      k++;
     }
   }
 

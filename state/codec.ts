@@ -74,6 +74,21 @@ export class BinWriter {
     const lenPos = this.pos;
     // Reserve a fixed 1-byte length for short strings, the common case; fall back for long ones.
     if (s.length < 43) {
+      // ASCII (ids, platforms, channels) is copied unit by unit: encodeInto needs a subarray view
+      // per call, an allocation that costs more than the copy of a short string.
+      const buf = this.buf;
+      let p = lenPos + 1;
+      let k = 0;
+      for (; k < s.length; k++) {
+        const c = s.charCodeAt(k);
+        if (c >= 0x80) break;
+        buf[p++] = c;
+      }
+      if (k === s.length) {
+        buf[lenPos] = k;
+        this.pos = p;
+        return this;
+      }
       const { written } = utf8.encodeInto(s, this.buf.subarray(lenPos + 1));
       this.buf[lenPos] = written;
       this.pos = lenPos + 1 + written;
@@ -84,6 +99,33 @@ export class BinWriter {
     this.ensure(bytes.length);
     this.buf.set(bytes, this.pos);
     this.pos += bytes.length;
+    return this;
+  }
+
+  /**
+   * Starts a length-prefixed section written in place (no scratch copy): reserves one length byte
+   * and returns its position for endLen().
+   */
+  beginLen(): number {
+    this.ensure(1);
+    return this.pos++;
+  }
+
+  /** Ends the section begun at `at`: writes its length as a varint, moving the bytes if it needs more than one. */
+  endLen(at: number): this {
+    const len = this.pos - at - 1;
+    if (len < 0x80) {
+      this.buf[at] = len;
+      return this;
+    }
+    let extra = 0;
+    for (let v = len; v >= 0x80; v = Math.floor(v / 0x80)) extra++;
+    this.ensure(extra);
+    this.buf.copyWithin(at + 1 + extra, at + 1, this.pos);
+    const end = this.pos + extra;
+    this.pos = at;
+    this.uint(len);
+    this.pos = end;
     return this;
   }
 

@@ -16,7 +16,7 @@
 import { mkdir, rm } from 'node:fs/promises';
 import { ClassicLevel, type Iterator, type IteratorOptions } from 'classic-level';
 import { CrmError } from '../engine/errors.js';
-import { checkBatchSize, copyBytes, emptyScan, normalizeLimit, type KvEntry, type KvStore, type Range, type WriteOp } from './store.js';
+import { checkBatchSize, emptyScan, normalizeLimit, type KvEntry, type KvStore, type Range, type WriteOp } from './store.js';
 
 /** Entries per yielded scan batch when the caller gives none (same default as MemoryStore). */
 const DEFAULT_BATCH_SIZE = 1024;
@@ -121,10 +121,28 @@ export class LevelStore implements KvStore {
     const db = this.openDb();
     if (ops.length === 0) return;
     // Copy now: the batch may wait in the queue, and the caller may reuse its array and buffers.
-    const batch = new Array<LevelOp>(ops.length);
+    // One buffer holds every value (views into it go to LevelDB): a checkpoint of 10k records is
+    // one allocation, not 10k.
+    let total = 0;
     for (let i = 0; i < ops.length; i++) {
       const op = ops[i]!;
-      batch[i] = op.type === 'put' ? { type: 'put', key: op.key, value: copyBytes(op.value) } : { type: 'del', key: op.key };
+      if (op.type === 'put') {
+        if (!(op.value instanceof Uint8Array)) throw new TypeError('WriteOp.value must be a Uint8Array');
+        total += op.value.length;
+      }
+    }
+    const copy = new Uint8Array(total);
+    const batch = new Array<LevelOp>(ops.length);
+    let at = 0;
+    for (let i = 0; i < ops.length; i++) {
+      const op = ops[i]!;
+      if (op.type === 'put') {
+        copy.set(op.value, at);
+        batch[i] = { type: 'put', key: op.key, value: copy.subarray(at, at + op.value.length) };
+        at += op.value.length;
+      } else {
+        batch[i] = { type: 'del', key: op.key };
+      }
     }
     return this.enqueue(() => commit(db, batch, 'write'));
   }
