@@ -236,6 +236,22 @@ export function buildCli(): Command {
     .option('--no-progress', 'no progress bar even on a terminal')
     .action(async (o) => backfill(o));
 
+  program.command('run')
+    .description('consume the Kafka events topic continuously: state, outputs to Kafka topics, and the server when configured (docs/KAFKA.md)')
+    .requiredOption('--config <file>', 'run configuration (JSON or YAML): engine settings plus kafka and optional server sections')
+    .option('--data-dir <dir>', 'state directory (overrides dataDir of the file)')
+    .option('--segments <file>', 'segment rules (JSON or YAML, docs/SEGMENTS.md)')
+    .option('--campaigns <file>', 'campaigns (JSON or YAML, docs/CAMPAIGNS.md)')
+    .option('--exit-at-end', 'stop once every assigned partition is read to its end (catch up, then exit 0)')
+    .action(async (o: { config: string; dataDir?: string; segments?: string; campaigns?: string; exitAtEnd?: boolean }) => {
+      const { runKafka } = await import('./run.js');
+      await runKafka({
+        config: o.config, dataDir: o.dataDir, exitAtEnd: o.exitAtEnd === true,
+        segments: o.segments === undefined ? undefined : readSegmentFile(o.segments),
+        campaigns: o.campaigns === undefined ? undefined : readDocument(o.campaigns, 'campaign file'),
+      });
+    });
+
   program.command('simulate')
     .description('run campaigns over history without sending: triggers per day and variant, suppressed by caps / consent / channel, deferred by quiet hours')
     .requiredOption('--campaigns <file>', 'campaigns (JSON or YAML, docs/CAMPAIGNS.md)')

@@ -40,6 +40,8 @@ export interface ServerOptions {
   kpiCoalesceMs?: number;
   /** Stop feeding a socket whose buffered amount passes this (bytes). */
   maxBufferedBytes?: number;
+  /** Registers more metrics on the server's registry (e.g. the Kafka source's lag and errors). */
+  metrics?: (registry: client.Registry) => void;
 }
 
 interface SocketData {
@@ -97,7 +99,7 @@ export class CrmServer {
   private listen: uWS.us_listen_socket | null = null;
   private readonly sockets = new Set<uWS.WebSocket<SocketData>>();
   private readonly keys: KeyRing;
-  private readonly opts: Required<Omit<ServerOptions, 'host' | 'keys'>> & { host: string };
+  private readonly opts: Required<Omit<ServerOptions, 'host' | 'keys' | 'metrics'>> & { host: string };
   private trimTimer: NodeJS.Timeout | null = null;
   /** Ingest requests waiting for the engine's next turn (coalesce). */
   private waiting: { events: unknown[]; resolve: (r: string[]) => void; reject: (e: unknown) => void }[] = [];
@@ -123,6 +125,7 @@ export class CrmServer {
     this.triggers = hub;
     this.kpis = new KpiHub(gate, this.opts.kpiCoalesceMs, this.opts.maxBufferedBytes);
     this.m = this.metrics();
+    opts.metrics?.(this.registry);
     this.app = uWS.App();
     this.routes();
   }

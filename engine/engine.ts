@@ -134,6 +134,7 @@ export class Engine {
   /** Duration of the last checkpoint and the sum of all (ms; metrics). */
   private checkpointMsLast = 0;
   private checkpointMsTotal = 0;
+  private readonly checkpointListeners: ((position: unknown, epoch: number) => void)[] = [];
   private busy = false;
   private closed = false;
   /**
@@ -279,6 +280,11 @@ export class Engine {
 
   get watermark(): number {
     return this.wm;
+  }
+
+  /** The largest accepted event time (ms; -Infinity before the first event). */
+  get maxEventTs(): number {
+    return this.maxTs;
   }
 
   /** Rejected events per reason code since the store was created. */
@@ -605,7 +611,16 @@ export class Engine {
     this.lastCheckpointAt = performance.now();
     this.checkpointMsLast = this.lastCheckpointAt - started;
     this.checkpointMsTotal += this.checkpointMsLast;
+    for (const fn of this.checkpointListeners) fn(this.positionValue, epoch);
     await this.outbox.drain();
+  }
+
+  /**
+   * Listens to durable checkpoints: `position` is the source position the state now covers (a
+   * Kafka source commits its offsets to the group here).
+   */
+  onCheckpoint(fn: (position: unknown, epoch: number) => void): void {
+    this.checkpointListeners.push(fn);
   }
 
   /** Listens to committed outbox records (after the checkpoint that made them durable). */

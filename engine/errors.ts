@@ -18,6 +18,7 @@ export const ErrorCodes = {
   OPERATOR_FAILED: { retriable: false, doc: 'An operator threw while processing a batch or timer.' },
   CHECKPOINT_FAILED: { retriable: true, doc: 'The atomic checkpoint write failed; nothing of it became durable.' },
   SINK_IO: { retriable: true, doc: 'An output sink (dead-letter file, outbox drain) failed to write.' },
+  KAFKA_ERROR: { retriable: true, doc: 'A Kafka client (consumer, producer, admin, mock cluster) failed; librdkafka retries transient broker trouble itself, this is what it gave up on.' },
   CAMPAIGNS_DISABLED: { retriable: false, doc: 'A campaign query on an engine with no campaigns configured (campaigns.definitions).' },
   SEGMENTS_DISABLED: { retriable: false, doc: 'A segment query on an engine configured with segments.enabled = false.' },
   KPI_DISABLED: { retriable: false, doc: 'A KPI query on an engine configured with kpi.enabled = false.' },

@@ -1,0 +1,61 @@
+import { z } from 'zod';
+import { CrmError } from '../errors.js';
+
+/** librdkafka properties passed through as they are (https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md). */
+const RdkafkaProps = z.record(z.string(), z.union([z.string(), z.number(), z.boolean()]));
+
+/**
+ * The `kafka` section of a `crmstream run` configuration: where events come from and where
+ * outputs go. Topics left null are not produced.
+ */
+export const KafkaConfigSchema = z.object({
+  /** Bootstrap brokers, `host:port[,host:port…]`. */
+  brokers: z.string().min(1, 'give at least one host:port'),
+  /** Consumer group; instances with the same group share the events topic's partitions. */
+  groupId: z.string().min(1).default('crmstream'),
+  clientId: z.string().min(1).default('crmstream'),
+  topics: z.object({
+    /** The events topic (protobuf `crmstream.v1.Event` or JSON per `format`). */
+    events: z.string().min(1).default('events'),
+    /** Triggers (protobuf `Trigger`), keyed by user id. */
+    triggers: z.string().min(1).nullable().default(null),
+    /** Segment changes (protobuf `SegmentChange`), keyed by user id. */
+    segmentChanges: z.string().min(1).nullable().default(null),
+    /** KPI changes (protobuf `KpiUpdate`), keyed by KPI and window. */
+    kpiUpdates: z.string().min(1).nullable().default(null),
+    /** Dead letters (protobuf `DeadLetter`), keyed by reason. */
+    deadLetters: z.string().min(1).nullable().default(null),
+  }).strict().prefault({}),
+  /** Encoding of event messages: `protobuf` (default) or `json` (one SPEC §1 object per message). */
+  format: z.enum(['protobuf', 'json']).default('protobuf'),
+  /**
+   * Where a partition starts when the state has no offset for it (fresh data dir): `earliest`
+   * (default: the state then covers the whole topic) or `latest`. Offsets committed to Kafka by
+   * the group are not used for that: the checkpoint's offsets are the ones that match the state.
+   */
+  startFrom: z.enum(['earliest', 'latest']).default('earliest'),
+  /** Messages taken per consume call, at most one engine batch (default 4096). */
+  maxBatch: z.number().int().min(1).max(1 << 20).default(4096),
+  /** How long one consume call waits for the first message (ms, default 50): the idle poll period. */
+  pollMs: z.number().int().min(1).max(10_000).default(50),
+  /** Pause fetching while this many delivered-but-unprocessed messages are held (default 100,000). */
+  maxBuffered: z.number().int().min(1).default(100_000),
+  /** A sink keeps re-sending what the broker refused for this long before the run fails (ms, default 300,000). */
+  deliveryTimeoutMs: z.number().int().min(1_000).default(300_000),
+  /** Extra librdkafka properties for the consumer and the producer. */
+  consumer: RdkafkaProps.default({}),
+  producer: RdkafkaProps.default({}),
+}).strict();
+
+export type KafkaConfigInput = z.input<typeof KafkaConfigSchema>;
+export type KafkaConfig = z.output<typeof KafkaConfigSchema>;
+
+/** Validates a `kafka` section; CONFIG_INVALID lists every offending field as `kafka.<path>`. */
+export function resolveKafkaConfig(input: unknown): KafkaConfig {
+  const parsed = KafkaConfigSchema.safeParse(input);
+  if (!parsed.success) {
+    const lines = parsed.error.issues.map((i) => `  kafka${i.path.length ? '.' + i.path.join('.') : ''}: ${i.message}`);
+    throw new CrmError('CONFIG_INVALID', `invalid kafka configuration:\n${lines.join('\n')}`);
+  }
+  return parsed.data;
+}
