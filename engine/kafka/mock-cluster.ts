@@ -126,7 +126,9 @@ export class MockCluster {
 /** Compiles tools/kafka-mock.c unless a binary of this exact source is cached; returns its path. */
 function buildHelper(): string {
   const here = path.dirname(fileURLToPath(import.meta.url));
-  const root = path.resolve(here, '../../..'); // dist/engine/kafka → the package root
+  // The package root from the sources (engine/kafka) or from the build (dist/engine/kafka).
+  const root = [path.resolve(here, '../..'), path.resolve(here, '../../..')].find((d) => existsSync(path.join(d, 'tools', 'kafka-mock.c')));
+  if (root === undefined) throw new CrmError('KAFKA_ERROR', `tools/kafka-mock.c not found above ${here}`);
   const source = path.join(root, 'tools', 'kafka-mock.c');
   const rdkafka = path.dirname(createRequire(import.meta.url).resolve('node-rdkafka/package.json'));
   const deps = path.join(rdkafka, 'build', 'deps');
