@@ -296,6 +296,49 @@ describe('crmstream run on Kafka (mock cluster in its own process)', () => {
   }, 300_000);
 });
 
+describe('KafkaSource', () => {
+  it('reads JSON messages (format: json); garbage, empty values and bad events are dead-lettered with their offset', async () => {
+    await mock.createTopic('json-events', 2);
+    const good = [
+      { event_id: 'j1', type: 'visit', anonymous_id: 'a1', ts: '2024-03-01T10:00:00+09:00' },
+      { event_id: 'j2', type: 'sign_up', anonymous_id: 'a1', user_id: 'u1', ts: '2024-03-01T10:05:00+09:00' },
+      { event_id: 'j3', type: 'purchase', user_id: 'u1', ts: '2024-03-01T11:00:00+09:00', amount: 12000, order_id: 'o1' },
+    ];
+    await produceAll('json-events', [
+      ...good.map((e) => ({ key: 'u1', value: Buffer.from(JSON.stringify(e)) })),
+      { key: 'x', value: Buffer.from('{not json') },
+      { key: 'x', value: Buffer.alloc(0) },
+      { key: 'x', value: Buffer.from(JSON.stringify({ event_id: 'j4', type: 'visit', ts: 1 })) },
+    ]);
+    const { KafkaSource } = await import('../../engine/kafka/source.js');
+    const { resolveKafkaConfig } = await import('../../engine/kafka/config.js');
+    const engine = await Engine.create({ time: { timeZone: TZ } });
+    const source = await KafkaSource.connect(resolveKafkaConfig({ brokers: mock.bootstrap, groupId: 'json', format: 'json', topics: { events: 'json-events' }, consumer: { 'session.timeout.ms': 6_000 } }), {
+      position: null, batchRows: 64, timeZone: TZ, exitAtEnd: true,
+    });
+    const dead: string[] = [];
+    engine.onOutput((r) => {
+      if (r.topic === 1) {
+        const d = crmstream.v1.DeadLetter.decode(r.payload);
+        dead.push(`${d.reason} ${d.source.replace(/@\d+$/, '')}`);
+      }
+    });
+    try {
+      await engine.run(source);
+      expect(engine.acceptedCount).toBe(3);
+      expect(dead.map((d) => d.replace(/\/\d$/, '/p')).sort()).toEqual(['bad_encoding json-events/p', 'bad_encoding json-events/p', 'missing_id json-events/p']);
+      const total = Object.values(source.position().kafka.offsets).reduce((a, b) => a + b, 0);
+      expect(total).toBe(6);
+      const day = (await engine.kpis('day')).find((r) => r.window === '2024-03-01' && r.channel === '*' && r.platform === '*');
+      expect(day?.revenue).toBe(12000);
+      expect(day?.signups).toBe(1);
+    } finally {
+      await source.close();
+      await engine.close();
+    }
+  }, 60_000);
+});
+
 describe('run configuration', () => {
   it('names every offending field and refuses unknown settings', () => {
     let message = '';
