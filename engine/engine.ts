@@ -15,7 +15,7 @@ import { appendObjectEvent } from './codec.js';
 import { ALIAS_PREFIX, IdentityResolver } from '../operators/identity.js';
 import { FilterNs, KeyFilter } from './key-filter.js';
 import { ANON_PREFIX, type Operator, type StateSlot, type UserRecord } from '../operators/operator.js';
-import { KpiOperator } from '../operators/kpi.js';
+import { KpiOperator, type KpiPartials } from '../operators/kpi.js';
 import { parseSegments, withBuiltins, type SegmentDef } from '../operators/segment-rules.js';
 import { SegmentOperator, type SegmentReloadReport, type SegmentSizeRow, type SegmentStatus } from '../operators/segments.js';
 import { CampaignOperator, type CampaignRow } from '../operators/campaigns.js';
@@ -672,6 +672,14 @@ export class Engine {
   }
 
   /**
+   * This engine's additive KPI cells, to merge with other engines over disjoint users
+   * (partitions keyed by canonical id) through {@link mergeKpis}.
+   */
+  async kpiPartials(): Promise<KpiPartials> {
+    return this.kpiOperator().partials();
+  }
+
+  /**
    * Replaces the configured segment rules in the running engine (`definitions`: the list of a rule
    * file, docs/SEGMENTS.md). Invalid rules throw CONFIG_INVALID and change nothing. Otherwise every
    * profile is visited once (checkpointed as it goes; a crash resumes the pass): unchanged segments
@@ -925,4 +933,18 @@ export function formatDeadLetter(r: OutboxRecord): Record<string, unknown> {
     encoding = 'base64';
   }
   return { reason: dl.reason, detail: dl.detail, source: dl.source, ts: Number(dl.ts) || null, payload, payload_encoding: encoding };
+}
+
+/**
+ * Global KPIs from the partials of engines whose users are disjoint (e.g. one per partition of a
+ * topic keyed by canonical id): kpis / funnel / cohorts equal those of one engine over every event.
+ * `config` supplies the time zone and KPI settings, which every partition must share.
+ *
+ * @example
+ * const global = mergeKpis(config, await Promise.all(engines.map((e) => e.kpiPartials())));
+ * const days = await global.kpis('day');
+ */
+export function mergeKpis(config: ConfigInput, parts: readonly KpiPartials[]): Pick<KpiOperator, 'kpis' | 'funnel' | 'cohorts'> {
+  const c = resolveConfig(config);
+  return KpiOperator.merged({ timeZone: c.time.timeZone, ...c.kpi }, parts);
 }

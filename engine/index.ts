@@ -10,7 +10,7 @@
 import { Engine, type EngineOptions } from './engine.js';
 import type { ConfigInput } from './config.js';
 
-export { Engine, formatDeadLetter, type BatchResult, type EngineOptions, type SourceItem } from './engine.js';
+export { Engine, formatDeadLetter, mergeKpis, type BatchResult, type EngineOptions, type SourceItem } from './engine.js';
 export { EventColumns } from './batch.js';
 export { resolveConfig, ConfigSchema, type ConfigInput, type EngineConfig } from './config.js';
 export { CrmError, ErrorCodes, isCode, type ErrorCode } from './errors.js';

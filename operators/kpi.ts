@@ -520,6 +520,14 @@ const ratio = (n: number, d: number): number | null => (d === 0 ? null : n / d);
 
 // ---------------------------------------------------------------------------------------------
 
+/** One engine's KPI cells for merging: see {@link KpiOperator.partials}. */
+export interface KpiPartials {
+  /** Dimension id → 'c:<channel>' | 'p:<platform>' ('*' at 0): the names the cell keys' dims stand for. */
+  readonly dims: readonly string[];
+  readonly cells: ReadonlyMap<number, Float64Array>;
+  readonly watermark: number;
+}
+
 export class KpiOperator implements Operator {
   readonly name = 'kpi';
   readonly slot = kpiSlot as StateSlot<unknown>;
@@ -1081,6 +1089,39 @@ export class KpiOperator implements Operator {
     for (let i = 0; i < c.count; i++) view.vals.set(c.keys[i]!, c.vals.subarray(i * NF, i * NF + NF));
     view.finish();
     return view;
+  }
+
+  /**
+   * This engine's additive KPI state: every cell (final and live) with the dimension names it is
+   * keyed by, and the watermark. Cells are sums of per-user contributions, so the partials of
+   * engines over disjoint users add up to the cells of one engine over all of them
+   * ({@link KpiOperator.merged}).
+   */
+  async partials(): Promise<KpiPartials> {
+    const view = await this.fullView();
+    return { dims: [...this.dimNames], cells: view.vals, watermark: this.watermark };
+  }
+
+  /**
+   * A read-only operator over the sum of several engines' partials (users disjoint: e.g. the
+   * partitions of a topic keyed by canonical id). Dimensions are matched by name; the watermark
+   * is the furthest one (each partition's rows are complete up to its own). Its kpis / funnel /
+   * cohorts equal those of one engine that had processed every partition's events.
+   */
+  static merged(opts: KpiOptions, parts: readonly KpiPartials[]): KpiOperator {
+    const op = new KpiOperator(opts);
+    let wm = Number.NEGATIVE_INFINITY;
+    for (const p of parts) {
+      const remap = p.dims.map((name, i) => (i === 0 ? 0 : op.dim(name[0] as 'c' | 'p', name.slice(2))));
+      for (const [key, v] of p.cells) {
+        const i = op.cells.slot(key - cellDim(key) + remap[cellDim(key)]!);
+        const vals = op.cells.vals;
+        for (let f = 0; f < NF; f++) vals[i * NF + f]! += v[f]!;
+      }
+      if (p.watermark > wm) wm = p.watermark;
+    }
+    op.observeWatermark(wm);
+    return op;
   }
 
   /** Every cell: final ones from the store, overlaid with memory (which is newer). */
