@@ -126,6 +126,7 @@ export function kafkaMetrics(source: KafkaSource, sink: KafkaSink | null): (r: c
     s('crm_kafka_buffered', 'Messages fetched and waiting for the engine', () => source.stats().buffered);
     s('crm_kafka_pauses_total', 'Times fetching was paused for backpressure', () => source.stats().pauses);
     s('crm_kafka_rebalances_total', 'Consumer-group rebalances', () => source.stats().rebalances);
+    s('crm_kafka_partitions_unowned', 'Partitions of the events topic held by another group member (must be 0: one instance per group)', () => source.stats().unowned);
     s('crm_kafka_commits_total', 'Offset commits acknowledged by the group coordinator', () => source.stats().commits);
     new client.Gauge({
       name: 'crm_kafka_errors_total', help: 'Errors librdkafka reported (it retries them), by client', labelNames: ['client'], registers: [r],

@@ -38,6 +38,8 @@ export interface KafkaSourceStats {
   readonly pauses: number;
   readonly buffered: number;
   readonly assigned: readonly number[];
+  /** Partitions of the events topic assigned to another member of the group (should be 0). */
+  readonly unowned: number;
   /** Per assigned partition: high watermark − next offset to process (last query; -1 unknown). */
   readonly lag: Readonly<Record<string, number>>;
 }
@@ -92,6 +94,8 @@ export class KafkaSource implements AsyncIterable<SourceItem> {
   private lagTimer: NodeJS.Timeout | null = null;
   private fetchError: Error | null = null;
   private readonly lagByPartition = new Map<number, number>();
+  /** Partitions of the topic held by other group members (after the last assignment). */
+  private unowned = 0;
   private readonly counters = { messages: 0, batches: 0, commits: 0, commitErrors: 0, errors: 0, rebalances: 0, pauses: 0 };
 
   private constructor(
@@ -149,7 +153,7 @@ export class KafkaSource implements AsyncIterable<SourceItem> {
 
   stats(): KafkaSourceStats {
     return {
-      ...this.counters, buffered: this.buffer.length - this.head, assigned: [...this.assignment],
+      ...this.counters, buffered: this.buffer.length - this.head, assigned: [...this.assignment], unowned: this.unowned,
       lag: Object.fromEntries([...this.lagByPartition].map(([p, l]) => [String(p), l])),
     };
   }
@@ -297,6 +301,7 @@ export class KafkaSource implements AsyncIterable<SourceItem> {
         for (const p of this.assignment) this.eofAt.delete(p);
         this.consumer.assign(tps);
         if (this.paused) this.consumer.pause(this.assignment.map((partition) => ({ topic: this.topic, partition })));
+        this.checkOwnership();
       } else if (err.code === ERR_REVOKE) {
         this.assignment = [];
         this.consumer.unassign();
@@ -305,6 +310,23 @@ export class KafkaSource implements AsyncIterable<SourceItem> {
       this.counters.errors++;
       this.opts.onError?.(e as Error);
     }
+  }
+
+  /**
+   * One process keeps the state of every partition it reads: a second member of the group would
+   * split the users' events between two states (scale-out with state per partition is not built
+   * yet). Counted and reported, so the operator sees it at once instead of in wrong KPIs.
+   */
+  private checkOwnership(): void {
+    const assigned = this.assignment.length;
+    this.consumer.getMetadata({ topic: this.topic, timeout: 5_000 }, (err, md) => {
+      if (err || this.closing) return;
+      const total = md.topics.find((t) => t.name === this.topic)?.partitions.length ?? assigned;
+      this.unowned = Math.max(0, total - assigned);
+      if (this.unowned > 0) {
+        this.opts.onError?.(new CrmError('KAFKA_ERROR', `${this.unowned} of ${total} partitions of ${this.topic} are assigned to another member of group ${this.cfg.groupId}: run one crmstream instance per group (its state must see every partition)`));
+      }
+    });
   }
 
   private queryLag(): void {

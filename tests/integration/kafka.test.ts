@@ -339,6 +339,32 @@ describe('KafkaSource', () => {
   }, 60_000);
 });
 
+describe('one instance per group', () => {
+  it('a second member of the group is reported on both sides (partitions unowned), not silently split', async () => {
+    await mock.createTopic('shared', 4);
+    const { KafkaSource } = await import('../../engine/kafka/source.js');
+    const { resolveKafkaConfig } = await import('../../engine/kafka/config.js');
+    const cfg = resolveKafkaConfig({ brokers: mock.bootstrap, groupId: 'pair', topics: { events: 'shared' }, consumer: { 'session.timeout.ms': 6_000, 'heartbeat.interval.ms': 500 } });
+    const errors: string[] = [];
+    const opts = { position: null, batchRows: 64, timeZone: TZ, onError: (e: unknown) => errors.push((e as Error).message) };
+    const a = await KafkaSource.connect(cfg, opts);
+    try {
+      await waitFor(() => (a.stats().assigned.length === 4 ? true : undefined), 30_000, 'the first member to own every partition');
+      await waitFor(() => (a.stats().unowned === 0 && errors.length === 0 ? true : undefined), 10_000, 'ownership checked');
+      const b = await KafkaSource.connect(cfg, opts);
+      try {
+        await waitFor(() => (a.stats().assigned.length + b.stats().assigned.length === 4 && b.stats().assigned.length > 0 ? true : undefined), 30_000, 'the partitions to be split');
+        await waitFor(() => (a.stats().unowned > 0 && b.stats().unowned > 0 ? true : undefined), 10_000, 'both members to see unowned partitions');
+        expect(errors.some((m) => /assigned to another member of group pair/.test(m))).toBe(true);
+      } finally {
+        await b.close();
+      }
+    } finally {
+      await a.close();
+    }
+  }, 90_000);
+});
+
 describe('run configuration', () => {
   it('names every offending field and refuses unknown settings', () => {
     let message = '';
