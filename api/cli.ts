@@ -308,7 +308,7 @@ export function buildCli(): Command {
     .action(async (o) => exportFunnel(o));
 
   program.command('demo')
-    .description('the whole loop in one process: traffic generator → engine → HTTP/WebSocket server and dashboard → a demo sender')
+    .description('the whole loop: traffic generator → Kafka (librdkafka mock cluster) → engine → HTTP/WebSocket server and dashboard → a demo sender')
     .option('--port <port>', 'HTTP/WebSocket port (0: any free one)', intArg, 8080)
     .option('--data-dir <dir>', 'state directory (default: a fresh temporary one)')
     .option('--rate <events_per_s>', 'generated events per second', intArg, 20_000)

@@ -51,7 +51,10 @@ export class MockCluster {
   /** Builds the helper if needed, starts it and waits for its bootstrap line. */
   static async start(opts: { brokers?: number } = {}): Promise<MockCluster> {
     const bin = buildHelper();
-    const child = spawn(bin, [String(opts.brokers ?? 3)], { stdio: ['pipe', 'pipe', 'inherit'] });
+    // Its own process group: a Ctrl-C in the terminal (SIGINT to the foreground group) stops the
+    // demo or test, which then stops the cluster in order. It cannot outlive its parent either way:
+    // it exits when its stdin (a pipe from this process) closes.
+    const child = spawn(bin, [String(opts.brokers ?? 3)], { stdio: ['pipe', 'pipe', 'inherit'], detached: true });
     const lines = createInterface({ input: child.stdout! })[Symbol.asyncIterator]();
     const first = await Promise.race([
       lines.next(),
