@@ -34,8 +34,11 @@ export const KafkaConfigSchema = z.object({
    * the group are not used for that: the checkpoint's offsets are the ones that match the state.
    */
   startFrom: z.enum(['earliest', 'latest']).default('earliest'),
-  /** Messages taken per consume call, at most one engine batch (default 4096). */
-  maxBatch: z.number().int().min(1).max(1 << 20).default(4096),
+  /**
+   * Messages taken per consume call (default 16,384). Engine batches are cut from the buffer at
+   * batchRows; a larger consume keeps the fetch ahead of the engine, so the engine never waits.
+   */
+  maxBatch: z.number().int().min(1).max(1 << 20).default(16_384),
   /** How long one consume call waits for the first message (ms, default 50): the idle poll period. */
   pollMs: z.number().int().min(1).max(10_000).default(50),
   /** Pause fetching while this many delivered-but-unprocessed messages are held (default 100,000). */

@@ -329,13 +329,22 @@ export class KafkaSource implements AsyncIterable<SourceItem> {
     });
   }
 
+  /**
+   * Lag from librdkafka's cached high watermarks (updated by every fetch response): no broker
+   * round trip and no libuv thread. An awaited query per partition per second shares the thread
+   * pool with consume() and, once partitions sit at their end, can pile up and starve it.
+   */
   private queryLag(): void {
     for (const p of this.assignment) {
-      this.consumer.queryWatermarkOffsets(this.topic, p, 1_000, (err, w) => {
-        if (err) return;
-        const next = this.offsets.get(p);
-        this.lagByPartition.set(p, next === undefined || next < 0 ? w.highOffset - w.lowOffset : Math.max(0, w.highOffset - next));
-      });
+      let w: { highOffset: number; lowOffset: number };
+      try {
+        w = this.consumer.getWatermarkOffsets(this.topic, p);
+      } catch {
+        continue; // not fetched yet: no cached watermark
+      }
+      if (!(w.highOffset >= 0)) continue;
+      const next = this.offsets.get(p);
+      this.lagByPartition.set(p, next === undefined || next < 0 ? w.highOffset - Math.max(0, w.lowOffset) : Math.max(0, w.highOffset - next));
     }
     for (const p of this.lagByPartition.keys()) if (!this.assignment.includes(p)) this.lagByPartition.delete(p);
   }
