@@ -38,6 +38,17 @@ export class EventColumns {
   readonly origin: string[];
   /** Canonical profile id, written by the identity operator for accepted rows. */
   readonly canon: string[];
+  /**
+   * Scale-out (engine/kafka/tasks.ts): the canonical id another partition already resolved for this
+   * row ('' = resolve here). Such a row skips identity: its alias decision was made where the
+   * anonymous id lives.
+   */
+  readonly given: string[];
+  /**
+   * Scale-out: the encoded anonymous profile (`anon:<anonymousId>`) that moves into `given` with
+   * this row — the identity merge the row caused at the anonymous id's partition (null: none).
+   */
+  readonly moved: (Uint8Array | null)[];
 
   constructor(capacity: number) {
     this.capacity = capacity;
@@ -62,6 +73,8 @@ export class EventColumns {
     this.raw = new Array<Uint8Array | string | null>(capacity).fill(null);
     this.origin = new Array<string>(capacity).fill('');
     this.canon = new Array<string>(capacity).fill('');
+    this.given = new Array<string>(capacity).fill('');
+    this.moved = new Array<Uint8Array | null>(capacity).fill(null);
   }
 
   get full(): boolean {
@@ -73,6 +86,7 @@ export class EventColumns {
     for (let i = 0; i < this.length; i++) {
       this.props[i] = null;
       this.raw[i] = null;
+      this.moved[i] = null;
     }
     this.length = 0;
   }
@@ -109,6 +123,8 @@ export class EventColumns {
     this.raw[i] = raw;
     this.origin[i] = origin;
     this.canon[i] = '';
+    this.given[i] = '';
+    this.moved[i] = null;
     return i;
   }
 
@@ -129,6 +145,8 @@ export class EventColumns {
     );
     this.status[j] = src.status[i]!;
     this.detail[j] = src.detail[i]!;
+    this.given[j] = src.given[i]!;
+    this.moved[j] = src.moved[i]!;
     return j;
   }
 

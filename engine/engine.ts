@@ -5,7 +5,7 @@ import { EventColumns } from './batch.js';
 import { resolveConfig, type ConfigInput, type EngineConfig } from './config.js';
 import { DedupeIndex } from './dedupe.js';
 import { CrmError, cleanupAll } from './errors.js';
-import { EventType, REJECT_NAMES, Reject, TypeRegistry, rejectName, type RejectName } from './event-types.js';
+import { EventType, REJECT_NAMES, ROUTED, Reject, TypeRegistry, rejectName, type RejectName } from './event-types.js';
 import { Outbox, Topic, type OutboxRecord, type OutboxSink } from './outbox.js';
 import { ProfileTable, USER_PREFIX } from './profiles.js';
 import { JsonlFileSink } from './sinks/jsonl-file.js';
@@ -53,7 +53,18 @@ export type SourceItem =
   | { readonly kind: 'barrier' }
   | { readonly kind: 'end'; readonly asOf?: number };
 
+/**
+ * Scale-out (engine/kafka/tasks.ts): which profiles this engine's partition holds. A row whose
+ * profile lives elsewhere is forwarded (outbox topic `route`) instead of processed; an anonymous
+ * profile merged into a member held elsewhere moves with the forwarded row.
+ */
+export interface PartitionRouter {
+  owns(canonical: string): boolean;
+}
+
 export interface EngineOptions {
+  /** Scale-out: this engine holds one partition of the profiles (default: all of them). */
+  readonly router?: PartitionRouter;
   /** Operators after the built-in ones (profile), in order. */
   readonly operators?: readonly Operator[];
   /** Extra outbox sinks. The dead-letter file sink is added from the config. */
@@ -73,6 +84,8 @@ export interface EngineOptions {
 export interface BatchResult {
   accepted: number;
   rejected: number;
+  /** Scale-out: rows forwarded to the partition that holds their profile (neither accepted nor rejected here). */
+  forwarded?: number;
 }
 
 interface Meta {
@@ -145,6 +158,9 @@ export class Engine {
   private failure: unknown = null;
   /** Timers that fired for a kind no operator owns (config changed): counted, not lost silently. */
   orphanTimers = 0;
+  private readonly router: PartitionRouter | null;
+  /** Scale-out counters: rows forwarded, anonymous profiles moved out and in, timers of profiles held elsewhere, adopt conflicts. */
+  private readonly routing = { forwarded: 0, movedOut: 0, movedIn: 0, strayTimers: 0, adoptConflicts: 0 };
   /** Segment scans (after a rule reload) a restart found unfinished and resumed. */
   private segmentScanResumes = 0;
 
@@ -152,6 +168,7 @@ export class Engine {
     this.config = config;
     this.store = store;
     this.tickMs = opts.tickMs ?? 1000;
+    this.router = opts.router ?? null;
     const profileOp = new ProfileOperator();
     this.kpi = config.kpi.enabled ? new KpiOperator({ timeZone: config.time.timeZone, ...config.kpi }) : null;
     this.segmentDefs = config.segments.enabled ? parseSegments({ segments: config.segments.definitions }, 'segments.definitions') : [];
@@ -387,10 +404,12 @@ export class Engine {
   private processRows(b: EventColumns): BatchResult {
     if (this.recs.length < b.length) this.recs = new Array<UserRecord | null>(b.capacity).fill(null);
     const recs = this.recs;
-    const { status, ts, eventId, userId, anonymousId, typeCode } = b;
+    const { status, ts, eventId, userId, anonymousId, typeCode, given, moved } = b;
+    const router = this.router;
     const lateness = this.config.time.allowedLatenessMs;
     const ooo = this.config.time.outOfOrdernessMs;
     let accepted = 0;
+    let forwarded = 0;
     let runStart = 0;
     for (let i = 0; i < b.length; i++) {
       recs[i] = null;
@@ -415,23 +434,68 @@ export class Engine {
       if (typeCode[i] === EventType.cost) continue; // spend, not a user event: no profile
       const u = userId[i]!;
       const a = anonymousId[i]!;
-      let canon: string;
-      if (u !== '') {
-        canon = u;
-        if (a !== '' && this.identity.link(a, u)) {
+      let canon = given[i]!;
+      let movedOut: Uint8Array | null = null;
+      if (canon !== '') {
+        // Resolved by the partition of the anonymous id (scale-out); with it may come that
+        // anonymous profile, to fold in here exactly as a local stitch would.
+        const m = moved[i] ?? null;
+        if (m !== null && a !== '') {
           this.flushRun(b, runStart, i);
           runStart = i;
-          this.mergeProfiles(ANON_PREFIX + a, u);
+          this.identity.link(a, canon);
+          if (this.profiles.adopt(ANON_PREFIX + a, m)) this.routing.movedIn++;
+          else this.routing.adoptConflicts++;
+          this.mergeProfiles(ANON_PREFIX + a, canon);
+        }
+      } else if (u !== '') {
+        canon = u;
+        if (a !== '' && this.identity.link(a, u)) {
+          // Rows before this one may still hold the anonymous profile: they go through the
+          // operators first (a merge or a move takes the profile as those rows left it).
+          this.flushRun(b, runStart, i);
+          runStart = i;
+          if (router === null || router.owns(u)) this.mergeProfiles(ANON_PREFIX + a, u);
+          else movedOut = this.detach(ANON_PREFIX + a);
         }
       } else {
         canon = this.identity.canonicalOfAnonymous(a);
+      }
+      if (router !== null && given[i] === '' && !router.owns(canon)) {
+        status[i] = ROUTED;
+        accepted--;
+        forwarded++;
+        this.forward(b, i, canon, movedOut);
+        continue;
       }
       b.canon[i] = canon;
       recs[i] = this.profiles.load(canon);
     }
     this.flushRun(b, runStart, b.length);
     this.acceptedTotal += accepted;
-    return { accepted, rejected: b.length - accepted };
+    this.routing.forwarded += forwarded;
+    return { accepted, rejected: b.length - accepted - forwarded, ...(router === null ? {} : { forwarded }) };
+  }
+
+  /**
+   * Scale-out: the anonymous profile leaves this engine for the member's partition. Its timers are
+   * cancelled here (release); its aggregate contributions stay, and the target's merge retracts
+   * them there, so the sum over partitions is what one engine would have.
+   */
+  private detach(id: string): Uint8Array | null {
+    const rec = this.profiles.loadExisting(id);
+    if (rec === undefined) return null;
+    for (const op of this.operators) op.release?.(rec, this.ctx);
+    const bytes = this.profiles.encode(rec);
+    this.profiles.remove(rec);
+    this.routing.movedOut++;
+    return bytes;
+  }
+
+  /** Scale-out: row `i` goes to the partition holding `canon`, through the outbox (exactly once with this state). */
+  private forward(b: EventColumns, i: number, canon: string, moved: Uint8Array | null): void {
+    const event = crmstream.v1.Event.encode(rowToEvent(b, i)).finish();
+    this.outbox.append(Topic.route, crmstream.v1.Routed.encode({ event, canonical: canon, ...(moved === null ? {} : { moved }) }).finish());
   }
 
   private flushRun(b: EventColumns, start: number, end: number): void {
@@ -481,7 +545,13 @@ export class Engine {
       this.orphanTimers++;
       return;
     }
-    const rec = this.profiles.load(this.identity.resolve(t.user));
+    const canon = this.identity.resolve(t.user);
+    if (this.router !== null && !this.router.owns(canon)) {
+      // The profile moved away (release cancels its timers, so this is only a safety net).
+      this.routing.strayTimers++;
+      return;
+    }
+    const rec = this.profiles.load(canon);
     try {
       op.onTimer(rec, t.kind, t.ts, this.ctx);
     } catch (err) {
@@ -505,9 +575,10 @@ export class Engine {
    * Advances the watermark to `ts` (end of input, `--as-of`, or an idle source) and fires every
    * timer up to it.
    */
-  async advanceTo(ts: number): Promise<void> {
+  async advanceTo(ts: number, position: unknown = this.positionValue): Promise<void> {
     this.enter();
     try {
+      this.positionValue = position;
       if (ts <= this.wm) return;
       await this.timers.preload(ts);
       // A long jump (end of input, --as-of, an idle source) can make a timer of every user due. Fire
@@ -537,11 +608,20 @@ export class Engine {
     }
   }
 
+  /**
+   * Scale-out: the largest event time another input partition has seen moves this engine's
+   * watermark as one of its own events would (`max event time − outOfOrdernessMs`, in ticks), so
+   * every partition keeps the watermark one engine reading all of them would have.
+   */
+  async observeEventTime(maxTs: number, position: unknown = this.positionValue): Promise<void> {
+    await this.advanceTo(this.tickFloor(maxTs - this.config.time.outOfOrdernessMs), position);
+  }
+
   private deadLetterRejected(b: EventColumns): void {
     const maxPayload = this.config.deadLetter.maxPayloadBytes;
     for (let i = 0; i < b.length; i++) {
       const code = b.status[i]!;
-      if (code === Reject.ok) continue;
+      if (code === Reject.ok || code === ROUTED) continue;
       this.rejects[code]!++;
       const raw = b.raw[i];
       let payload: Uint8Array;
@@ -850,6 +930,7 @@ export class Engine {
       kpiCellsCompacted: this.kpi?.cellsCompacted ?? 0, segmentChanges: this.segments?.changes ?? 0,
       segmentEvaluations: this.segments?.evaluations ?? 0, segmentScanResumes: this.segmentScanResumes,
       triggers: this.campaigns?.triggers ?? 0, checkpointMsLast: this.checkpointMsLast, checkpointMsTotal: this.checkpointMsTotal,
+      ...(this.router === null ? {} : this.routing),
     };
   }
 

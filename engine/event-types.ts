@@ -104,6 +104,12 @@ export const Reject = {
   duplicate: 9,
   bad_field: 10,
 } as const;
+/**
+ * Status of a row that is not a reject: its profile lives in another partition (scale-out), so the
+ * row was forwarded there instead of processed here. Operators skip it like any non-zero status;
+ * it is neither counted as a reject nor dead-lettered.
+ */
+export const ROUTED = 255;
 export type RejectName = Exclude<keyof typeof Reject, 'ok'>;
 export const REJECT_NAMES: readonly RejectName[] = (Object.keys(Reject) as (keyof typeof Reject)[]).filter(
   (k): k is RejectName => k !== 'ok',

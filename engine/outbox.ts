@@ -22,6 +22,8 @@ export const Topic = {
   trigger: 2,
   segmentChange: 3,
   kpiUpdate: 4,
+  /** Scale-out: a row (and a moved profile) forwarded to the partition that owns its profile (a `Routed`). */
+  route: 5,
   /** Operators outside the core (tests, extensions) use codes from here up. */
   custom: 100,
 } as const;

@@ -95,6 +95,26 @@ export class ProfileTable {
     return rec;
   }
 
+  /**
+   * Scale-out: installs a record that moved here from another partition (encoded there by
+   * `encode`), dirty, as if it had been created here. Returns false (and keeps the local one) when a
+   * live record of that id already exists: a profile id lives in one partition only, so that is a
+   * routing fault the caller counts.
+   */
+  adopt(id: string, raw: Uint8Array): boolean {
+    const local = this.cache.get(id) ?? this.read(id);
+    if (local !== undefined && !local.deleted) return false;
+    const rec = this.decode(id, raw);
+    if (this.cache.size >= this.capacity) this.evict();
+    this.cache.set(id, rec);
+    this.filter.add(FilterNs.user, id);
+    this.created++;
+    rec.touched = true;
+    rec.dirty = true;
+    this.dirtyList.push(rec);
+    return true;
+  }
+
   /** Read-only lookup (queries): does not mark dirty or fill the cache. */
   peek(id: string): UserRecord | undefined {
     const rec = this.cache.get(id);

@@ -603,6 +603,11 @@ export class CampaignOperator implements Operator {
     u.timerTs = due === NEVER ? Number.NaN : due;
   }
 
+  release(rec: UserRecord, ctx: OperatorContext): void {
+    const u = rec.slots[this.slotIndex] as CampUser;
+    if (!Number.isNaN(u.timerTs)) ctx.timers.cancel(rec.id, CAMP_TIMER, u.timerTs);
+  }
+
   beforeMerge(_into: UserRecord, from: UserRecord, ctx: OperatorContext): void {
     const u = from.slots[this.slotIndex] as CampUser;
     if (!Number.isNaN(u.timerTs)) ctx.timers.cancel(from.id, CAMP_TIMER, u.timerTs);

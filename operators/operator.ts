@@ -90,6 +90,13 @@ export interface Operator {
   beforeMerge?(into: UserRecord, from: UserRecord, ctx: OperatorContext): void;
   /** …and add the merged profile's contribution here. */
   afterMerge?(into: UserRecord, ctx: OperatorContext): void;
+  /**
+   * Scale-out: `rec` leaves this engine as it is (it merges into a member whose profile lives in
+   * another partition, where beforeMerge/afterMerge run). Cancel what this engine would still do
+   * for it (its timers); its contributions stay in this engine's aggregates, which the target's
+   * beforeMerge retracts from its own: the sum over partitions stays exact.
+   */
+  release?(rec: UserRecord, ctx: OperatorContext): void;
   close(): Promise<void>;
 }
 

@@ -1039,6 +1039,12 @@ export class SegmentOperator implements Operator {
     u.timerTs = Number.NaN;
   }
 
+  release(rec: UserRecord, ctx: OperatorContext): void {
+    // Its timer stays set in the record: the target's beforeMerge cancels it there (a no-op).
+    const u = rec.slots[this.slotIndex] as SegUser;
+    if (!Number.isNaN(u.timerTs)) ctx.timers.cancel(rec.id, SEG_TIMER, u.timerTs);
+  }
+
   snapshot(ops: WriteOp[]): void {
     this.sizes.snapshot(ops);
     if (!this.stateDirty) return;
