@@ -252,6 +252,17 @@ export function buildCli(): Command {
       });
     });
 
+  program.command('advance')
+    .description('scale-out: move every task\'s watermark to a time, firing every timer up to it (the end of a stream, or --as-of)')
+    .requiredOption('--config <file>', 'the run configuration of the group (kafka.scaleOut set)')
+    .requiredOption('--to <iso-time>', 'the new watermark', isoTime)
+    .action(async (o: { config: string; to: number }) => {
+      const { readRunConfig } = await import('./run.js');
+      const { advanceAll } = await import('../engine/kafka/tasks.js');
+      const n = await advanceAll(readRunConfig(o.config).kafka, o.to);
+      process.stdout.write(`advanced ${n} partitions to ${new Date(o.to).toISOString()}\n`);
+    });
+
   program.command('simulate')
     .description('run campaigns over history without sending: triggers per day and variant, suppressed by caps / consent / channel, deferred by quiet hours')
     .requiredOption('--campaigns <file>', 'campaigns (JSON or YAML, docs/CAMPAIGNS.md)')

@@ -6,6 +6,7 @@ import { z } from 'zod';
 import { resolveConfig, type ConfigInput } from '../engine/config.js';
 import { Engine, type SourceItem } from '../engine/engine.js';
 import { CrmError } from '../engine/errors.js';
+import type { ScaleOutRunner as Runner } from '../engine/kafka/tasks.js';
 import { resolveKafkaConfig, type KafkaConfig } from '../engine/kafka/config.js';
 import { KafkaSink } from '../engine/kafka/sink.js';
 import { KafkaSource } from '../engine/kafka/source.js';
@@ -171,6 +172,10 @@ export async function runKafka(o: RunOptions): Promise<void> {
     lastErrorLog = now;
     log(`kafka: ${(err as Error).message ?? String(err)} (retrying)`);
   };
+  if (file.kafka.scaleOut !== null) {
+    await runScaleOut(file, cfg, o, log, onError);
+    return;
+  }
   const started = performance.now();
   const sinks: OutboxSink[] = [];
   const hub = file.server !== null ? new TriggerHub() : null;
@@ -213,5 +218,35 @@ export async function runKafka(o: RunOptions): Promise<void> {
     // The engine's last checkpoint commits its offsets while the consumer is still in the group.
     await engine.close();
     await source?.close();
+  }
+}
+
+/** `run` with kafka.scaleOut: this instance's share of the group's partitions (engine/kafka/tasks.ts). */
+async function runScaleOut(file: RunFile, cfg: ConfigInput, o: RunOptions, log: (m: string) => void, onError: (e: unknown) => void): Promise<void> {
+  const { ScaleOutRunner } = await import('../engine/kafka/tasks.js');
+  if (file.server !== null) {
+    throw new CrmError('CONFIG_INVALID', `invalid run configuration ${o.config}:\n  server: not available with kafka.scaleOut yet; read the outputs from their topics`);
+  }
+  const resolved = resolveConfig(cfg);
+  if (resolved.dataDir === null) throw new CrmError('CONFIG_INVALID', `invalid run configuration ${o.config}:\n  dataDir: kafka.scaleOut keeps each task's local state copy there`);
+  const started = performance.now();
+  const sink = KafkaSink.wanted(file.kafka) ? await KafkaSink.connect(file.kafka, onError) : null;
+  let runner: Runner | null = null;
+  const stop = (): void => runner?.close();
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
+  try {
+    runner = await ScaleOutRunner.connect({ engine: cfg, kafka: file.kafka, dataDir: resolved.dataDir, exitAtEnd: o.exitAtEnd === true, onError, sink });
+    log(`scale-out: consuming ${file.kafka.topics.events} via ${file.kafka.scaleOut!.routeTopic} from ${file.kafka.brokers} as a member of group ${file.kafka.groupId}`);
+    await runner.run();
+    const st = runner.stats();
+    process.stdout.write(JSON.stringify({
+      routed: st.routed, processed: st.processed, forwarded: st.forwarded, moved_out: st.movedOut, moved_in: st.movedIn, duplicates_skipped: st.duplicatesSkipped, hints: st.hints, rebalances: st.rebalances,
+      restores: st.restores, seconds: Number(((performance.now() - started) / 1000).toFixed(3)),
+    }) + '\n');
+  } finally {
+    process.off('SIGINT', stop);
+    process.off('SIGTERM', stop);
+    await sink?.close();
   }
 }

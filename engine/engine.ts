@@ -495,7 +495,7 @@ export class Engine {
   /** Scale-out: row `i` goes to the partition holding `canon`, through the outbox (exactly once with this state). */
   private forward(b: EventColumns, i: number, canon: string, moved: Uint8Array | null): void {
     const event = crmstream.v1.Event.encode(rowToEvent(b, i)).finish();
-    this.outbox.append(Topic.route, crmstream.v1.Routed.encode({ event, canonical: canon, ...(moved === null ? {} : { moved }) }).finish());
+    this.outbox.append(Topic.route, crmstream.v1.Routed.encode({ event, canonical: canon, origin: b.origin[i]!, ...(moved === null ? {} : { moved }) }).finish());
   }
 
   private flushRun(b: EventColumns, start: number, end: number): void {

@@ -58,7 +58,8 @@ export function appendRouted(
     batch.pushUndecodable(bytes, bytes.byteLength, origin, Reject.bad_encoding, 'Routed message without an event or a watermark');
     return { kind: 'event' };
   }
-  const i = m.json ? appendJsonEvent(batch, Buffer.from(m.event).toString('utf8'), origin, timeZone) : appendProtoEvent(batch, m.event, origin);
+  const from = m.origin !== '' ? m.origin : origin;
+  const i = m.json ? appendJsonEvent(batch, Buffer.from(m.event).toString('utf8'), from, timeZone) : appendProtoEvent(batch, m.event, from);
   if (m.canonical !== '' && batch.status[i] === Reject.ok) {
     batch.given[i] = m.canonical;
     batch.moved[i] = m.moved.length > 0 ? m.moved : null;

@@ -45,6 +45,19 @@ export const KafkaConfigSchema = z.object({
   maxBuffered: z.number().int().min(1).default(100_000),
   /** A sink keeps re-sending what the broker refused for this long before the run fails (ms, default 300,000). */
   deliveryTimeoutMs: z.number().int().min(1_000).default(300_000),
+  /**
+   * Scale-out across instances of one consumer group (docs/KAFKA.md "Several instances"). When set,
+   * every instance in the group takes a share of the partitions; each partition of the events topic
+   * is re-keyed by identity into `routeTopic`, and each partition of that topic is a task with its
+   * own state, logged to `changelogTopic`. Both topics need as many partitions as the events topic;
+   * the changelog needs cleanup.policy=delete and unlimited retention. Null: one instance per group.
+   */
+  scaleOut: z.object({
+    routeTopic: z.string().min(1).default('crmstream-route'),
+    changelogTopic: z.string().min(1).default('crmstream-changelog'),
+    /** How often each input partition's largest event time is broadcast to every task (ms, default 1,000). */
+    hintMs: z.number().int().min(10).max(60_000).default(1_000),
+  }).strict().nullable().default(null),
   /** Extra librdkafka properties for the consumer and the producer. */
   consumer: RdkafkaProps.default({}),
   producer: RdkafkaProps.default({}),
