@@ -5,7 +5,7 @@ import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
 import { Command, InvalidArgumentError, Option } from 'commander';
 import cliProgress from 'cli-progress';
-import { Engine, type SourceItem } from '../engine/engine.js';
+import { Engine, mergeKpis, type SourceItem } from '../engine/engine.js';
 import { campaignReport } from '../operators/campaign-report.js';
 import { CrmError } from '../engine/errors.js';
 import type { ConfigInput } from '../engine/config.js';
@@ -261,6 +261,23 @@ export function buildCli(): Command {
       const { advanceAll } = await import('../engine/kafka/tasks.js');
       const n = await advanceAll(readRunConfig(o.config).kafka, o.to);
       process.stdout.write(`advanced ${n} partitions to ${new Date(o.to).toISOString()}\n`);
+    });
+
+  program.command('kpis')
+    .description('scale-out: global KPI rows of the group, summed from every task\'s published partials (docs/KAFKA.md)')
+    .requiredOption('--config <file>', 'the run configuration of the group (kafka.scaleOut set)')
+    .addOption(new Option('--grain <grain>', 'calendar window').choices(['day', 'week', 'month']).makeOptionMandatory())
+    .addOption(new Option('--format <format>', 'output format').choices(EXPORT_FORMATS as string[]).default('jsonl'))
+    .option('--out <file>', 'output file (default: stdout)')
+    .action(async (o: { config: string; grain: 'day' | 'week' | 'month'; format: ExportFormat; out?: string }) => {
+      const { readRunConfig } = await import('./run.js');
+      const { readPartials } = await import('../engine/kafka/partials.js');
+      const file = readRunConfig(o.config);
+      const { parts, partitions, published } = await readPartials(file.kafka);
+      if (published.length < partitions) {
+        process.stderr.write(`crmstream: partials of ${partitions - published.length} of ${partitions} tasks not published yet: the KPIs below lack their users\n`);
+      }
+      await writeRows(await mergeKpis(file.engine, parts).kpis(o.grain), KPI_COLUMNS, o.format, o.out);
     });
 
   program.command('simulate')

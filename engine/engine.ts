@@ -513,6 +513,7 @@ export class Engine {
   private setWatermark(w: number): void {
     this.wm = w;
     this.ctx.watermark = w;
+    this.kpi?.observeWatermark(w);
     for (let t = this.timers.popDue(w, this.due); t !== undefined; t = this.timers.popDue(w, this.due)) this.fire(t);
     this.dedupe.expire(w);
   }

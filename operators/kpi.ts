@@ -612,7 +612,12 @@ export class KpiOperator implements Operator {
     for (let f = 0; f < NC; f++) b[f]! += vals[at + f]!;
   }
 
-  private observeWatermark(wm: number): void {
+  /**
+   * The watermark the windows are read at (maturing flags, dormancy, the compaction horizon). The
+   * engine calls it whenever its watermark moves, so queries after an idle advance (end of input,
+   * `--as-of`, a scale-out hint) see it without waiting for the next batch.
+   */
+  observeWatermark(wm: number): void {
     if (wm === this.watermark) return;
     this.watermark = wm;
     if (!Number.isFinite(wm)) return;

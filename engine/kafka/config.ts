@@ -57,6 +57,10 @@ export const KafkaConfigSchema = z.object({
     changelogTopic: z.string().min(1).default('crmstream-changelog'),
     /** How often each input partition's largest event time is broadcast to every task (ms, default 1,000). */
     hintMs: z.number().int().min(10).max(60_000).default(1_000),
+    /** Each task's KPI partials, for global KPIs any instance can read (`crmstream kpis`); N partitions. */
+    partialsTopic: z.string().min(1).default('crmstream-kpi-partials'),
+    /** How often a task whose KPIs changed publishes them (ms, default 5,000); also when it stops. */
+    partialsMs: z.number().int().min(100).default(5_000),
   }).strict().nullable().default(null),
   /** Extra librdkafka properties for the consumer and the producer. */
   consumer: RdkafkaProps.default({}),

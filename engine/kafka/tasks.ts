@@ -41,6 +41,7 @@ import { Topic, type OutboxRecord, type OutboxSink } from '../outbox.js';
 import { appendRouted, partitionOf, partitionRouter, routeKey } from '../routing.js';
 import { SharedProducer, openChangelogStore, type ChangelogMessage, type RestoreStats } from './changelog.js';
 import type { KafkaConfig } from './config.js';
+import { publishPartials } from './partials.js';
 
 const ERR_ASSIGN = -175;
 const ERR_REVOKE = -174;
@@ -76,6 +77,8 @@ export interface ScaleOutStats {
   readonly restores: readonly (RestoreStats & { readonly partition: number })[];
   readonly commits: number;
   readonly errors: number;
+  /** KPI partials sets published (engine/kafka/partials.ts). */
+  readonly partialsPublished: number;
 }
 
 export interface ScaleOutOptions {
@@ -100,6 +103,8 @@ interface Task {
   readonly hw: Map<string, number>;
   /** Processed since the last checkpoint. */
   dirty: boolean;
+  /** Processed since its KPI partials were last published. */
+  unpublished: boolean;
 }
 
 /**
@@ -126,12 +131,13 @@ export class ScaleOutRunner {
   private stage0Error: unknown = null;
   private stage0InFlight = 0;
   private lastHint = 0;
+  private lastPublish = 0;
   private lastCheckpoint = 0;
   private closing = false;
   /** Set when the tasks are closed: the revoke of the final disconnect is answered at once. */
   private stopped = false;
   private readonly batchRows: number;
-  private readonly counters = { routed: 0, hints: 0, duplicatesSkipped: 0, processed: 0, rebalances: 0, commits: 0, errors: 0 };
+  private readonly counters = { routed: 0, hints: 0, duplicatesSkipped: 0, processed: 0, rebalances: 0, commits: 0, errors: 0, partialsPublished: 0 };
   /** Engine routing counters of tasks already closed here (open ones are added in stats()). */
   private readonly closedRouting = { forwarded: 0, movedOut: 0, movedIn: 0 };
   private readonly restores: (RestoreStats & { partition: number })[] = [];
@@ -190,7 +196,7 @@ export class ScaleOutRunner {
         consumer.connect({ timeout: 30_000 }, (err) => (err ? reject(new CrmError('KAFKA_ERROR', `cannot connect the consumer to ${k.brokers}`, { cause: err })) : resolve()));
       });
       const n = await partitionCount(consumer, k.topics.events);
-      for (const t of [k.scaleOut.routeTopic, k.scaleOut.changelogTopic]) {
+      for (const t of [k.scaleOut.routeTopic, k.scaleOut.changelogTopic, k.scaleOut.partialsTopic]) {
         const m = await partitionCount(consumer, t);
         if (m !== n) {
           throw new CrmError('CONFIG_INVALID', `scale-out: topic ${t} has ${m} partitions, the events topic ${k.topics.events} has ${n}: create it with ${n} (the changelog with cleanup.policy=delete, retention.ms=-1)`);
@@ -319,7 +325,7 @@ export class ScaleOutRunner {
       throw err;
     }
     const pos = engine.position;
-    const task: Task = { p, engine, batch: new EventColumns(this.batchRows), next: 0, hw: new Map(), dirty: false };
+    const task: Task = { p, engine, batch: new EventColumns(this.batchRows), next: 0, hw: new Map(), dirty: false, unpublished: true };
     if (isTaskPosition(pos, this.route, p)) {
       task.next = pos.task.offset;
       for (const [src, seq] of Object.entries(pos.task.hw)) task.hw.set(src, seq);
@@ -337,6 +343,8 @@ export class ScaleOutRunner {
   }
 
   private async closeTask(t: Task): Promise<void> {
+    await t.engine.checkpoint();
+    if (t.unpublished) await this.publish(t);
     // Engine.close takes the last checkpoint (logged to the changelog) and delivers its outbox.
     await t.engine.close();
     addRouting(this.closedRouting, t.engine);
@@ -447,6 +455,7 @@ export class ScaleOutRunner {
     b.reset();
     for (const m of msgs) {
       t.dirty = true;
+      t.unpublished = true;
       const src = header(m, H_SRC);
       if (src !== null) {
         const seq = Number(header(m, H_SEQ));
@@ -484,9 +493,23 @@ export class ScaleOutRunner {
     return { task: { topic: this.route, partition: t.p, offset: t.next, hw: Object.fromEntries(t.hw) } };
   }
 
-  /** Hints every hintMs; idle tasks checkpointed (so their offsets commit) every checkpoint interval. */
+  /**
+   * Publishes a task's KPI partials as of its last checkpoint's inputs. Taken between batches, so
+   * they are the KPIs of a prefix of its route partition: a consistent cut of that task.
+   */
+  private async publish(t: Task): Promise<void> {
+    t.unpublished = false;
+    await publishPartials(this.producer, this.opts.kafka.scaleOut!.partialsTopic, t.p, await t.engine.kpiPartials());
+    this.counters.partialsPublished++;
+  }
+
+  /** Hints every hintMs; idle tasks checkpointed (so their offsets commit) every checkpoint interval; partials every partialsMs. */
   private async periodic(): Promise<void> {
     const now = performance.now();
+    if (now - this.lastPublish >= this.opts.kafka.scaleOut!.partialsMs) {
+      this.lastPublish = now;
+      for (const t of this.tasks.values()) if (t.unpublished) await this.publish(t);
+    }
     if (now - this.lastHint >= this.opts.kafka.scaleOut!.hintMs) {
       this.lastHint = now;
       this.broadcastHints();

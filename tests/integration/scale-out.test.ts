@@ -152,7 +152,7 @@ function runCli(args: string[]): Promise<{ code: number | null; out: string }> {
 
 beforeAll(async () => {
   mock = await MockCluster.start({ brokers: 3 });
-  for (const t of ['events', 'route', 'changelog']) await mock.createTopic(t, P);
+  for (const t of ['events', 'route', 'changelog', 'partials']) await mock.createTopic(t, P);
   await mock.createTopic('triggers', 3);
   kpiOracle = await KpiOracle.create();
   segOracle = await SegmentOracle.create();
@@ -214,7 +214,7 @@ describe('scale-out across instances of one consumer group', () => {
         checkpoint: { intervalMs: 200 },
         kafka: {
           brokers: mock.bootstrap, groupId: 'scale', topics: { events: 'events', triggers: 'triggers' }, maxBatch: 500,
-          scaleOut: { routeTopic: 'route', changelogTopic: 'changelog', hintMs: 200 },
+          scaleOut: { routeTopic: 'route', changelogTopic: 'changelog', partialsTopic: 'partials', hintMs: 200, partialsMs: 500 },
           consumer: { 'session.timeout.ms': 6_000, 'heartbeat.interval.ms': 500 },
         },
       }));
@@ -291,6 +291,13 @@ describe('scale-out across instances of one consumer group', () => {
           diffs.push(...compareRows(await global.kpis(g), await kpiOracle.kpis(g, opts), ['window', 'channel', 'platform']).map((d) => `kpis/${g}: ${d}`));
         }
         diffs.push(...compareRows(await global.cohorts('week', 'first_activity'), await kpiOracle.cohorts('week', 'first_activity', opts), ['cohort', 'channel', 'platform', 'age']).map((d) => `cohorts: ${d}`));
+        // What any instance (or any machine with the config) serves: the tasks' published partials, summed.
+        for (const g of ['day', 'month'] as const) {
+          const r = await runCli(['kpis', '--config', config, '--grain', g]);
+          expect(r.code, r.out).toBe(0);
+          const rows = r.out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
+          diffs.push(...compareRows(rows, await kpiOracle.kpis(g, opts), ['window', 'channel', 'platform']).map((d) => `crmstream kpis/${g}: ${d}`));
+        }
         expect(diffs).toEqual([]);
         const members: Membership = new Map();
         for (const e of engines) {

@@ -122,3 +122,35 @@ describe('KPI operator', () => {
     await engine.close();
   });
 });
+
+describe('KPIs after an idle advance', () => {
+  it('a query right after advanceTo reads the windows at the new watermark, as a reopened engine does', async () => {
+    const t = tempDir('crm-kpi-adv-');
+    try {
+      const cfg = { dataDir: t.dir, time: { timeZone: 'UTC' } };
+      const T = Date.UTC(2024, 0, 10);
+      const live = await Engine.create(cfg);
+      await live.ingest([
+        { event_id: 'e1', type: 'sign_up', user_id: 'u1', ts: T },
+        { event_id: 'e2', type: 'purchase', user_id: 'u1', ts: T + HOUR, amount: 1000, order_id: 'o1' },
+        { event_id: 'e3', type: 'visit', user_id: 'u2', ts: T + 2 * HOUR },
+      ]);
+      // No batch after this: before the fix the KPI windows stayed at the last batch's watermark.
+      await live.advanceTo(T + 45 * DAY);
+      const liveMonths = await live.kpis('month');
+      const livePartials = await live.kpiPartials();
+      await live.close();
+      const reopened = await Engine.create(cfg);
+      try {
+        expect(livePartials.watermark).toBe(T + 45 * DAY);
+        expect(liveMonths).toEqual(await reopened.kpis('month'));
+        // January's first-purchase conversion has matured by mid-February.
+        expect(liveMonths.find((r) => r.window === '2024-01' && r.channel === '*' && r.platform === '*')?.first_purchase_maturing).toBe(false);
+      } finally {
+        await reopened.close();
+      }
+    } finally {
+      t.cleanup();
+    }
+  });
+});
