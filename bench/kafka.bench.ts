@@ -36,6 +36,7 @@ import type { ConfigInput } from '../engine/config.js';
 import { resolveKafkaConfig } from '../engine/kafka/config.js';
 import { MockCluster } from '../engine/kafka/mock-cluster.js';
 import { KafkaSource, isKafkaPosition } from '../engine/kafka/source.js';
+import { ScaleOutRunner, type ScaleOutStats } from '../engine/kafka/tasks.js';
 import { TrafficGenerator, encodeProto } from '../engine/sources/generator.js';
 import { benchTraffic } from './decode.bench.js';
 import { consume, type Scenario, type TimedItems } from './harness.js';
@@ -395,4 +396,76 @@ export const kafkaLagScenario: Scenario<LagState> = {
     + `after ${fmt(s.before.length)} read before the stop; lag ${fmt(s.lagBefore)} → 0 in ${s.recoveredMs.toFixed(0)} ms `
     + `(${fmt(s.lagBefore / (s.recoveredMs / 1000))} ev/s; first message after ${s.firstMs.toFixed(0)} ms = connect + join; final checkpoint ${s.checkpointMs.toFixed(0)} ms); `
     + `${s.partitions} partitions, ${BROKERS} mock brokers; engine core config, memory state`,
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Scale-out (one instance running every task: the cost of re-keying, forwarding and the changelog)
+
+/** Events in the scale-out topic: smaller than end to end, because the route and changelog topics hold them again. */
+export function scaleOutItems(quick: boolean): number {
+  return quick ? 50_000 : 200_000;
+}
+
+interface ScaleOutState {
+  readonly mock: MockCluster;
+  readonly partitions: number;
+  readonly events: number;
+  readonly dir: string;
+  runs: number;
+  stats: ScaleOutStats | null;
+}
+
+async function scaleOutSetup(quick: boolean): Promise<ScaleOutState> {
+  const mock = await MockCluster.start({ brokers: BROKERS });
+  try {
+    const n = scaleOutItems(quick);
+    const { msgs } = encodeMessages(new TrafficGenerator(benchTraffic()), n);
+    // The route topic holds each event again, wrapped (≈ +60 B with its headers): size for that.
+    const partitions = partitionsFor(msgs.map((m) => ({ key: m.key, value: Buffer.alloc(m.value.length + 60) })));
+    await mock.createTopic('events', partitions);
+    await produceAll(mock.bootstrap, 'events', msgs);
+    await checkRetained(mock.bootstrap, 'events', partitions, n);
+    return { mock, partitions, events: n, dir: mkdtempSync(path.join(os.tmpdir(), 'crm-scale-bench-')), runs: 0, stats: null };
+  } catch (err) {
+    await mock.stop();
+    throw err;
+  }
+}
+
+async function scaleOutRun(s: ScaleOutState): Promise<TimedItems> {
+  const run = ++s.runs;
+  // Fresh route / changelog / partials topics per run: a task's state starts empty.
+  const topics = { routeTopic: `route-${run}`, changelogTopic: `changelog-${run}`, partialsTopic: `partials-${run}` };
+  for (const t of Object.values(topics)) await s.mock.createTopic(t, s.partitions);
+  const dataDir = path.join(s.dir, `run-${run}`);
+  const kafka = resolveKafkaConfig({ brokers: s.mock.bootstrap, groupId: `bench-scale-${run}`, clientId: 'crmstream-bench', topics: { events: 'events' }, scaleOut: topics });
+  const t0 = process.hrtime.bigint();
+  const runner = await ScaleOutRunner.connect({ engine: { dataDir, checkpoint: { intervalMs: 1000 } }, kafka, dataDir, exitAtEnd: true });
+  const watchdog = setTimeout(() => runner.close(), 10 * STALL_MS);
+  try {
+    await runner.run();
+  } finally {
+    clearTimeout(watchdog);
+  }
+  const ns = process.hrtime.bigint() - t0;
+  const st = runner.stats();
+  if (st.routed !== s.events) throw new Error(`scale-out routed ${st.routed} of the ${s.events} events`);
+  s.stats = st;
+  rmSync(dataDir, { recursive: true, force: true });
+  return { items: st.routed, ns };
+}
+
+export const kafkaScaleOutScenario: Scenario<ScaleOutState> = {
+  name: 'kafka scale-out, one instance (route + tasks + changelog)',
+  setup: (ctx) => scaleOutSetup(ctx.quick),
+  run: scaleOutRun,
+  teardown: async (s) => {
+    await s.mock.stop();
+    rmSync(s.dir, { recursive: true, force: true });
+  },
+  notes: (s) => {
+    const st = s.stats;
+    return `${fmt(s.events)} events, ${s.partitions} partitions (events, route, changelog, partials topics) on ${BROKERS} mock brokers, LevelDB per task, checkpoint 1 s`
+      + (st === null ? '' : `; route records processed ${fmt(st.processed)} (forwarded ${fmt(st.forwarded)}, anonymous profiles moved ${fmt(st.movedIn)}), partials sets published ${st.partialsPublished}; compare with kafka end to end + LevelDB (one engine, no route hop, no changelog)`);
+  },
 };

@@ -14,7 +14,7 @@
 import { pathToFileURL } from 'node:url';
 import { decodeScenario, runDecodeMicroSuite } from './decode.bench.js';
 import { engineCoreScenario, engineLevelScenario } from './engine.bench.js';
-import { kafkaE2ELevelScenario, kafkaE2EScenario, kafkaLagScenario } from './kafka.bench.js';
+import { kafkaE2ELevelScenario, kafkaE2EScenario, kafkaLagScenario, kafkaScaleOutScenario } from './kafka.bench.js';
 import { restartScenario } from './restart.bench.js';
 import { segmentsCoreScenario, segmentTimersScenario } from './segments.bench.js';
 import { campaigns5Scenario, campaignsCoreScenario } from './campaigns.bench.js';
@@ -41,6 +41,7 @@ export const SCENARIOS: readonly Scenario[] = [
   kafkaE2EScenario as Scenario,
   kafkaE2ELevelScenario as Scenario,
   kafkaLagScenario as Scenario,
+  kafkaScaleOutScenario as Scenario,
 ];
 
 /** The benny micro-suites run with --micro. */
