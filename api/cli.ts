@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { readFileSync, realpathSync, createWriteStream, type WriteStream } from 'node:fs';
 import { once } from 'node:events';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
 import { Command, InvalidArgumentError, Option } from 'commander';
@@ -8,6 +9,7 @@ import cliProgress from 'cli-progress';
 import { Engine, mergeKpis, type SourceItem } from '../engine/engine.js';
 import { campaignReport } from '../operators/campaign-report.js';
 import { CrmError } from '../engine/errors.js';
+import { rejectName } from '../engine/event-types.js';
 import type { ConfigInput } from '../engine/config.js';
 import { parseTimestamp } from '../engine/codec.js';
 import { parseMap } from '../engine/sources/csv.js';
@@ -66,14 +68,18 @@ function isoTime(value: string): number {
 }
 
 async function backfill(opts: {
-  dataDir: string; input: string[]; format?: InputFormat; map?: string; tz?: string; config?: string; asOf?: number; progress: boolean; segments?: string;
+  dataDir: string; input: string[]; format?: InputFormat | 'arrow'; map?: string; tz?: string; config?: string; asOf?: number; progress: boolean; segments?: string;
   campaigns?: string;
 }): Promise<void> {
   const config = loadConfig(opts.config, opts.dataDir, opts.tz, opts.segments, opts.campaigns);
   const started = performance.now();
   const engine = await Engine.create(config);
   const tz = engine.config.time.timeZone;
-  const format: InputFormat = opts.format ?? (opts.input.every((f) => f.endsWith('.csv')) ? 'csv' : 'jsonl');
+  const format = opts.format ?? inferFormat(opts.input);
+  if (format === 'arrow') {
+    await backfillArrow(engine, opts, started);
+    return;
+  }
   const map = opts.map === undefined ? null : parseMap(readJsonFile(opts.map, 'map file'));
   const showBar = opts.progress && process.stderr.isTTY === true;
   const readBar = showBar ? new cliProgress.SingleBar({ format: 'reading  {value} rows', stream: process.stderr }, cliProgress.Presets.shades_classic) : null;
@@ -100,19 +106,88 @@ async function backfill(opts: {
   }
   await engine.run(items());
   bar?.stop();
+  await finishBackfill(engine, input.total, startRow, started);
+}
+
+const ARROW_EXT = /\.(arrow|arrows|ipc|feather)$/i;
+
+/** csv when every input ends in .csv, arrow for .arrow/.arrows/.ipc/.feather, else jsonl. */
+function inferFormat(files: readonly string[]): InputFormat | 'arrow' {
+  if (files.every((f) => f.endsWith('.csv'))) return 'csv';
+  if (files.every((f) => ARROW_EXT.test(f))) return 'arrow';
+  return 'jsonl';
+}
+
+/**
+ * The Arrow backfill: files in order, one record batch in memory at a time (inputs of any size),
+ * resumable by row. Files from `convert` are in event-time order; others are taken as a stream.
+ */
+async function backfillArrow(engine: Engine, opts: { dataDir: string; input: string[]; asOf?: number; progress: boolean }, started: number): Promise<void> {
+  const { arrowSource } = await import('../engine/sources/arrow.js');
+  const names = opts.input.map((f) => path.basename(f));
+  const pos = engine.position as { arrow?: { row: number; files: string[] } } | null;
+  if (pos !== null && (pos.arrow === undefined || JSON.stringify(pos.arrow.files) !== JSON.stringify(names))) {
+    await engine.close();
+    throw new CrmError('CONFIG_INVALID', `${opts.dataDir} holds a backfill of other inputs; use a new --data-dir.`);
+  }
+  const startRow = pos?.arrow?.row ?? 0;
+  process.stderr.write(`crmstream: Arrow input, processing from row ${startRow}\n`);
+  let rows = startRow;
+  async function* items(): AsyncGenerator<SourceItem> {
+    yield* arrowSource(opts.input, engine.config.batchRows, startRow, (r) => (rows = r));
+    yield opts.asOf === undefined ? { kind: 'end' } : { kind: 'end', asOf: opts.asOf };
+  }
+  await engine.run(items());
+  await finishBackfill(engine, rows, startRow, started);
+}
+
+/** Closes the engine and prints the backfill report. */
+async function finishBackfill(engine: Engine, total: number, startRow: number, started: number): Promise<void> {
   const rejects = engine.rejectCounts();
   const stats = engine.stats();
   await engine.close();
   const secs = (performance.now() - started) / 1000;
   const rejected = Object.values(rejects).reduce((a, b) => a + b, 0);
   const report = {
-    rows: input.total, resumed_from_row: startRow, accepted: stats['accepted'], rejected,
+    rows: total, resumed_from_row: startRow, accepted: stats['accepted'], rejected,
     rejects: Object.fromEntries(Object.entries(rejects).filter(([, n]) => n > 0)),
     watermark: Number.isFinite(stats['watermark']) ? new Date(stats['watermark']!).toISOString() : null,
     aliases_this_run: stats['aliases'], timers_fired_this_run: stats['timersFired'], triggers_this_run: stats['triggers'],
-    seconds: Number(secs.toFixed(3)), rows_per_s: Math.round((input.total - startRow) / secs),
+    seconds: Number(secs.toFixed(3)), rows_per_s: Math.round((total - startRow) / secs),
   };
   process.stdout.write(JSON.stringify(report) + '\n');
+}
+
+/**
+ * `convert`: csv / jsonl event files to one Arrow IPC file (or stream), in event-time order, the
+ * column mapping applied; rows that do not decode are reported and written to `<out>.rejects.jsonl`
+ * with their reason, not dropped silently.
+ */
+async function convert(opts: { input: string[]; format?: InputFormat; map?: string; tz?: string; out: string; stream?: boolean }): Promise<void> {
+  const { writeArrowEvents } = await import('../engine/sources/arrow.js');
+  const { createWriteStream: cws } = await import('node:fs');
+  const started = performance.now();
+  const format: InputFormat = opts.format ?? (opts.input.every((f) => f.endsWith('.csv')) ? 'csv' : 'jsonl');
+  const map = opts.map === undefined ? null : parseMap(readJsonFile(opts.map, 'map file'));
+  const input = await SortedInput.load(opts.input, { format, map, tz: opts.tz ?? 'Asia/Seoul' });
+  const rejectsFile = `${opts.out}.rejects.jsonl`;
+  let rejectStream: WriteStream | null = null;
+  const rejects: Record<string, number> = {};
+  const written = await writeArrowEvents(cws(opts.out), opts.stream === true ? 'stream' : 'file', (emit) => input.forEachRow(emit));
+  input.forEachRow((b, i) => {
+    if (b.status[i] === 0) return;
+    const reason = rejectName(b.status[i]!);
+    rejects[reason] = (rejects[reason] ?? 0) + 1;
+    rejectStream ??= createWriteStream(rejectsFile);
+    const raw = b.raw[i];
+    rejectStream.write(JSON.stringify({ reason, detail: b.detail[i], source: b.origin[i], payload: typeof raw === 'string' ? raw : raw == null ? null : Buffer.from(raw).toString('base64') }) + '\n');
+  });
+  if (rejectStream !== null) await new Promise<void>((resolve) => (rejectStream as WriteStream).end(() => resolve()));
+  const secs = (performance.now() - started) / 1000;
+  process.stdout.write(JSON.stringify({
+    rows: input.total, written, rejected: input.total - written, rejects, rejects_file: input.total > written ? rejectsFile : null,
+    out: opts.out, format: opts.stream === true ? 'arrow-stream' : 'arrow', seconds: Number(secs.toFixed(3)),
+  }) + '\n');
 }
 
 /**
@@ -223,10 +298,10 @@ export function buildCli(): Command {
     .exitOverride();
 
   program.command('backfill')
-    .description('process event files in event-time order, advance the watermark, checkpoint')
+    .description('process event files in event-time order (Arrow: in file order, streamed), advance the watermark, checkpoint')
     .requiredOption('--data-dir <dir>', 'state directory (created if missing)')
     .requiredOption('--input <file...>', 'event files')
-    .addOption(new Option('--format <format>', 'input format (default: csv for .csv files, else jsonl)').choices(['jsonl', 'csv']))
+    .addOption(new Option('--format <format>', 'input format (default: csv for .csv, arrow for .arrow/.arrows/.ipc/.feather, else jsonl)').choices(['jsonl', 'csv', 'arrow']))
     .option('--map <file>', 'CSV column mapping (JSON)')
     .option('--tz <zone>', 'time zone for zone-less timestamps and calendar windows (default Asia/Seoul)')
     .option('--config <file>', 'engine configuration (JSON)')
@@ -279,6 +354,16 @@ export function buildCli(): Command {
       }
       await writeRows(await mergeKpis(file.engine, parts).kpis(o.grain), KPI_COLUMNS, o.format, o.out);
     });
+
+  program.command('convert')
+    .description('csv / jsonl event files → one Arrow IPC file in event-time order, for `backfill --format arrow` (docs/ARROW.md)')
+    .requiredOption('--input <file...>', 'event files')
+    .requiredOption('--out <file>', 'the Arrow file to write')
+    .addOption(new Option('--format <format>', 'input format (default: csv for .csv files, else jsonl)').choices(['jsonl', 'csv']))
+    .option('--map <file>', 'CSV column mapping (JSON)')
+    .option('--tz <zone>', 'time zone for zone-less timestamps (default Asia/Seoul)')
+    .option('--stream', 'write the Arrow IPC stream format instead of the file format')
+    .action(async (o) => convert(o));
 
   program.command('simulate')
     .description('run campaigns over history without sending: triggers per day and variant, suppressed by caps / consent / channel, deferred by quiet hours')

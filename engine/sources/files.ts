@@ -104,6 +104,11 @@ export class SortedInput {
     return new SortedInput(chunks, Uint32Array.from(idx));
   }
 
+  /** Calls `fn(chunk, row)` for every row in processing order (convert writes them out). */
+  forEachRow(fn: (chunk: EventColumns, row: number) => void): void {
+    for (const g of this.order) fn(this.chunks[Math.floor(g / CHUNK)]!, g % CHUNK);
+  }
+
   /**
    * The batches from `startRow` on, each with the position just after it. One batch object is
    * reused: the consumer must be done with a batch before it pulls the next (Engine.run is).

@@ -12,6 +12,7 @@ import { MockCluster } from '../../engine/kafka/mock-cluster.js';
 import { Topic } from '../../engine/outbox.js';
 import { partitionRouter } from '../../engine/routing.js';
 import { TrafficGenerator, encodeProto, isBad, type GenEvent } from '../../engine/sources/generator.js';
+import type { KpiRow } from '../../operators/kpi-rows.js';
 import { BUILTIN_SEGMENTS } from '../../operators/segment-rules.js';
 import { LevelStore } from '../../state/level.js';
 import { compareRows } from '../oracle/compare.js';
@@ -295,7 +296,7 @@ describe('scale-out across instances of one consumer group', () => {
         for (const g of ['day', 'month'] as const) {
           const r = await runCli(['kpis', '--config', config, '--grain', g]);
           expect(r.code, r.out).toBe(0);
-          const rows = r.out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
+          const rows = r.out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as KpiRow);
           diffs.push(...compareRows(rows, await kpiOracle.kpis(g, opts), ['window', 'channel', 'platform']).map((d) => `crmstream kpis/${g}: ${d}`));
         }
         expect(diffs).toEqual([]);
