@@ -14,6 +14,7 @@
 import { pathToFileURL } from 'node:url';
 import { decodeScenario, runDecodeMicroSuite } from './decode.bench.js';
 import { engineCoreScenario, engineLevelScenario } from './engine.bench.js';
+import { arrowScenarios } from './arrow.bench.js';
 import { kafkaE2ELevelScenario, kafkaE2EScenario, kafkaLagScenario, kafkaScaleOutScenario } from './kafka.bench.js';
 import { restartScenario } from './restart.bench.js';
 import { segmentsCoreScenario, segmentTimersScenario } from './segments.bench.js';
@@ -42,6 +43,7 @@ export const SCENARIOS: readonly Scenario[] = [
   kafkaE2ELevelScenario as Scenario,
   kafkaLagScenario as Scenario,
   kafkaScaleOutScenario as Scenario,
+  ...(arrowScenarios as readonly Scenario[]),
 ];
 
 /** The benny micro-suites run with --micro. */

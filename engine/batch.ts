@@ -92,6 +92,29 @@ export class EventColumns {
   }
 
   /**
+   * Columnar sources (Arrow): appends `n` rows whose event fields the caller then fills column by
+   * column; the bookkeeping columns are reset here. Returns the index of the first row.
+   */
+  reserve(n: number): number {
+    const start = this.length;
+    const end = start + n;
+    if (end > this.capacity) throw new RangeError(`reserve(${n}): ${this.length} of ${this.capacity} rows used`);
+    this.typeCode.fill(0, start, end);
+    this.status.fill(Reject.ok, start, end);
+    this.size.fill(0, start, end);
+    for (let i = start; i < end; i++) {
+      this.detail[i] = '';
+      this.raw[i] = null;
+      this.props[i] = null;
+      this.canon[i] = '';
+      this.given[i] = '';
+      this.moved[i] = null;
+    }
+    this.length = end;
+    return start;
+  }
+
+  /**
    * Appends one row with every field given; returns its index. The hot-path sources call this
    * with values taken straight from the decoded record.
    */
