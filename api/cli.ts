@@ -1,6 +1,5 @@
 #!/usr/bin/env node
 import { readFileSync, realpathSync, createWriteStream, type WriteStream } from 'node:fs';
-import { once } from 'node:events';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
@@ -14,10 +13,10 @@ import type { ConfigInput } from '../engine/config.js';
 import { parseTimestamp } from '../engine/codec.js';
 import { parseMap } from '../engine/sources/csv.js';
 import { SortedInput, type BackfillPosition, type InputFormat } from '../engine/sources/files.js';
-import { runDemo } from './demo.js';
 import { parse as parseYaml } from 'yaml';
-import { EXPORT_FORMATS, csvCell, writeRows, type ExportFormat } from './export.js';
-import { COHORT_FIELDS, KPI_FIELDS } from '../operators/kpi-rows.js';
+import { EXPORT_FORMATS, writeRows, type ExportFormat } from './export.js';
+import { KPI_SCHEMA, exportSource, type ExportWhat } from '../engine/arrow-export.js';
+import type { CohortKind, KpiGrain } from '../operators/kpi-rows.js';
 
 /**
  * The `crmstream` command line (SPEC §9). Flags are a contract outside tools script against: add,
@@ -217,31 +216,6 @@ async function simulate(opts: { campaigns: string; input: string[]; format?: Inp
   }
 }
 
-async function exportProfiles(opts: { dataDir: string; format: 'jsonl' | 'csv'; out?: string; config?: string }): Promise<void> {
-  const engine = await Engine.create(loadConfig(opts.config, opts.dataDir, undefined), { adoptStoredTimeZone: true });
-  const out: WriteStream | NodeJS.WriteStream = opts.out === undefined ? process.stdout : createWriteStream(opts.out);
-  let header = false;
-  try {
-    for await (const p of engine.profilesStored()) {
-      let line: string;
-      if (opts.format === 'jsonl') {
-        line = JSON.stringify(p) + '\n';
-      } else {
-        line = Object.values(p).map(csvCell).join(',') + '\n';
-        if (!header) {
-          line = Object.keys(p).join(',') + '\n' + line;
-          header = true;
-        }
-      }
-      // Respect the stream's backpressure: an export of millions of profiles must not buffer them all.
-      if (!out.write(line)) await once(out, 'drain');
-    }
-  } finally {
-    await engine.close();
-    if (out !== process.stdout) await new Promise<void>((resolve, reject) => (out as WriteStream).end((err?: Error | null) => (err ? reject(err) : resolve())));
-  }
-}
-
 /** Opens a data dir for reading: its own time zone, no new events; closed after `fn`. */
 async function withStoredEngine<T>(opts: { dataDir: string; config?: string }, fn: (e: Engine) => Promise<T>): Promise<T> {
   const engine = await Engine.create(loadConfig(opts.config, opts.dataDir, undefined), { adoptStoredTimeZone: true });
@@ -252,36 +226,17 @@ async function withStoredEngine<T>(opts: { dataDir: string; config?: string }, f
   }
 }
 
-const KPI_COLUMNS = ['grain', 'window', 'channel', 'platform', ...KPI_FIELDS];
-const COHORT_COLUMNS = COHORT_FIELDS;
-const FUNNEL_COLUMNS = ['grain', 'cohort', 'channel', 'platform', 'visit', 'sign_up', 'first_purchase', 'revisit', 'repeat_purchase',
-  'sign_up_rate', 'first_purchase_rate', 'revisit_rate', 'repeat_purchase_rate'];
+interface ExportOpts { dataDir: string; format: ExportFormat; out?: string; config?: string; grain?: KpiGrain; kind?: CohortKind | 'both'; id?: string }
 
-interface ExportOpts { dataDir: string; format: ExportFormat; out?: string; config?: string; grain: string; kind?: string }
-
-async function exportKpis(o: ExportOpts): Promise<void> {
-  const rows = await withStoredEngine(o, (e) => e.kpis(o.grain as 'day' | 'week' | 'month'));
-  await writeRows(rows, KPI_COLUMNS, o.format, o.out);
-}
-
-async function exportCohorts(o: ExportOpts): Promise<void> {
-  const kinds = o.kind === 'both' ? (['first_activity', 'signup'] as const) : [o.kind as 'first_activity' | 'signup'];
-  const rows = await withStoredEngine(o, async (e) => (await Promise.all(kinds.map((k) => e.cohorts(o.grain as 'week' | 'month', k)))).flat());
-  await writeRows(rows, COHORT_COLUMNS, o.format, o.out);
-}
-
-async function exportSegment(o: ExportOpts & { id: string }): Promise<void> {
-  const rows = await withStoredEngine(o, async (e) => {
-    const out: { user_id: string; since: string; tier: string }[] = [];
-    for await (const m of e.segmentMembers(o.id)) out.push({ user_id: m.user_id, since: new Date(m.since).toISOString(), tier: m.tier });
-    return out;
+/**
+ * `crmstream export <what>`: the rows and schema `engine.exportArrow` builds its table from
+ * (engine/arrow-export.ts), written in the chosen format as they are read.
+ */
+async function exportCmd(what: ExportWhat, o: ExportOpts): Promise<void> {
+  await withStoredEngine(o, async (e) => {
+    const { schema, rows } = exportSource(e, what, { grain: o.grain, kind: o.kind, segment: o.id });
+    await writeRows(rows, schema, o.format, o.out);
   });
-  await writeRows(rows, ['user_id', 'since', 'tier'], o.format, o.out);
-}
-
-async function exportFunnel(o: ExportOpts): Promise<void> {
-  const rows = await withStoredEngine(o, (e) => e.funnel(o.grain as 'day' | 'week' | 'month'));
-  await writeRows(rows, FUNNEL_COLUMNS, o.format, o.out);
 }
 
 function intArg(v: string): number {
@@ -352,7 +307,7 @@ export function buildCli(): Command {
       if (published.length < partitions) {
         process.stderr.write(`crmstream: partials of ${partitions - published.length} of ${partitions} tasks not published yet: the KPIs below lack their users\n`);
       }
-      await writeRows(await mergeKpis(file.engine, parts).kpis(o.grain), KPI_COLUMNS, o.format, o.out);
+      await writeRows(await mergeKpis(file.engine, parts).kpis(o.grain), KPI_SCHEMA, o.format, o.out);
     });
 
   program.command('convert')
@@ -378,14 +333,15 @@ export function buildCli(): Command {
     .action(async (o) => simulate(o));
 
   const exp = program.command('export').description('export state');
+  const formatOpt = () => new Option('--format <format>', 'output format (arrow: IPC file, arrow-stream: IPC stream; docs/EXPORTS.md)')
+    .choices(EXPORT_FORMATS as string[]).default('jsonl');
   exp.command('profiles')
     .description('every profile, one per line')
     .requiredOption('--data-dir <dir>', 'state directory')
-    .addOption(new Option('--format <format>', 'output format').choices(['jsonl', 'csv']).default('jsonl'))
+    .addOption(formatOpt())
     .option('--out <file>', 'output file (default: stdout)')
     .option('--config <file>', 'engine configuration (JSON)')
-    .action(async (o) => exportProfiles(o));
-  const formatOpt = () => new Option('--format <format>', 'output format').choices(EXPORT_FORMATS as string[]).default('jsonl');
+    .action(async (o) => exportCmd('profiles', o));
   exp.command('kpis')
     .description('KPI rows per (window, channel, platform) — docs/KPIS.md')
     .requiredOption('--data-dir <dir>', 'state directory')
@@ -393,7 +349,7 @@ export function buildCli(): Command {
     .addOption(formatOpt())
     .option('--out <file>', 'output file (default: stdout)')
     .option('--config <file>', 'engine configuration (JSON)')
-    .action(async (o) => exportKpis(o));
+    .action(async (o) => exportCmd('kpis', o));
   exp.command('cohorts')
     .description('cohort matrix rows: cohort × age with size, active, purchasers, revenue')
     .requiredOption('--data-dir <dir>', 'state directory')
@@ -402,7 +358,7 @@ export function buildCli(): Command {
     .addOption(formatOpt())
     .option('--out <file>', 'output file (default: stdout)')
     .option('--config <file>', 'engine configuration (JSON)')
-    .action(async (o) => exportCohorts(o));
+    .action(async (o) => exportCmd('cohorts', o));
   exp.command('segment')
     .description('the members of a segment, one a line: {"user_id", "since", "tier"}')
     .requiredOption('--data-dir <dir>', 'state directory')
@@ -410,7 +366,7 @@ export function buildCli(): Command {
     .addOption(formatOpt())
     .option('--out <file>', 'output file (default: stdout)')
     .option('--config <file>', 'engine configuration (JSON)')
-    .action(async (o) => exportSegment(o));
+    .action(async (o) => exportCmd('segment', o));
   exp.command('funnel')
     .description('journey funnel per sign-up cohort: visit → sign_up → first purchase → revisit D+1..3 → repeat purchase')
     .requiredOption('--data-dir <dir>', 'state directory')
@@ -418,7 +374,14 @@ export function buildCli(): Command {
     .addOption(formatOpt())
     .option('--out <file>', 'output file (default: stdout)')
     .option('--config <file>', 'engine configuration (JSON)')
-    .action(async (o) => exportFunnel(o));
+    .action(async (o) => exportCmd('funnel', o));
+  exp.command('triggers')
+    .description('every trigger in the triggers file (campaigns.triggersPath, default <data-dir>/triggers.jsonl), one a line — docs/CAMPAIGNS.md')
+    .requiredOption('--data-dir <dir>', 'state directory')
+    .addOption(formatOpt())
+    .option('--out <file>', 'output file (default: stdout)')
+    .option('--config <file>', 'engine configuration (JSON)')
+    .action(async (o) => exportCmd('triggers', o));
 
   program.command('demo')
     .description('the whole loop: traffic generator → Kafka (librdkafka mock cluster) → engine → HTTP/WebSocket server and dashboard → a demo sender')
@@ -427,7 +390,7 @@ export function buildCli(): Command {
     .option('--rate <events_per_s>', 'generated events per second', intArg, 20_000)
     .option('--duration <seconds>', 'stop after this many seconds (default: until Ctrl-C)', intArg)
     .option('--users <n>', 'user population of the generator', intArg, 100_000)
-    .action(async (o) => runDemo(o));
+    .action(async (o) => (await import('./demo.js')).runDemo(o));
 
   program.command('bench')
     .description('run the benchmarks, print the table and write JSON to bench/results/')

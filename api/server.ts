@@ -7,12 +7,12 @@ import { tableToIPC } from 'apache-arrow';
 import client from 'prom-client';
 import { crmstream } from './proto/gen/crmstream.js';
 import type { Engine } from '../engine/engine.js';
+import { SEGMENT_SCHEMA, rowsToTable } from '../engine/arrow-export.js';
 import { CrmError } from '../engine/errors.js';
 import { REJECT_NAMES } from '../engine/event-types.js';
 import { campaignReport } from '../operators/campaign-report.js';
 import type { KpiGrain } from '../operators/kpi-rows.js';
 import { KeyRing, requestKey, type ApiKey, type Scope } from './auth.js';
-import { rowsToArrow } from './export.js';
 import type { EngineGate } from './gate.js';
 import { KpiHub, toWire, type KpiSocket, type KpiSubscription } from './kpi-hub.js';
 import { TriggerHub, type TriggerSocket } from './trigger-hub.js';
@@ -445,8 +445,8 @@ export class CrmServer {
     });
     if (page === null) throw new HttpError(404, 'not_found', `no segment '${id}'`);
     if (arrow) {
-      const rows = page.out.map((m) => ({ user_id: m.user_id, since: new Date(m.since).toISOString(), tier: m.tier }));
-      return { type: 'application/vnd.apache.arrow.stream', body: tableToIPC(rowsToArrow(rows, ['user_id', 'since', 'tier']), 'stream') };
+      // `since` (epoch ms) becomes an Arrow timestamp: the typed columns of `export segment`.
+      return { type: 'application/vnd.apache.arrow.stream', body: tableToIPC(rowsToTable(page.out, SEGMENT_SCHEMA), 'stream') };
     }
     return json({ members: page.out, next: page.more ? page.out[page.out.length - 1]!.user_id : null });
   }

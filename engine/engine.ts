@@ -780,6 +780,22 @@ export class Engine {
   }
 
   /**
+   * One export (SPEC §9 `crmstream export`) as an Arrow table with typed columns — categorical
+   * strings dictionary-encoded, times as `Timestamp<ms, UTC>`, counts Int32, money and rates
+   * Float64 with nulls, flags Bool (schemas in engine/arrow-export.ts, shared with the CLI).
+   * `grain` for kpis / cohorts / funnel, `kind` for cohorts, `segment` for segment members;
+   * `triggers` reads the triggers file. The whole export is built in memory.
+   *
+   * @example
+   * const t = await engine.exportArrow('kpis', { grain: 'month' });
+   * writeFileSync('kpis.arrow', tableToIPC(t, 'file'));
+   */
+  async exportArrow(what: import('./arrow-export.js').ExportWhat, opts: import('./arrow-export.js').ExportOptions = {}): Promise<import('apache-arrow').Table> {
+    const { exportTable } = await import('./arrow-export.js');
+    return exportTable(this, what, opts);
+  }
+
+  /**
    * This engine's additive KPI cells, to merge with other engines over disjoint users
    * (partitions keyed by canonical id) through {@link mergeKpis}.
    */

@@ -19,6 +19,10 @@ export { Topic, type OutboxRecord, type OutboxSink } from './outbox.js';
 export { JsonlFileSink } from './sinks/jsonl-file.js';
 export type { Operator, OperatorContext, StateSlot, TimerApi, UserRecord } from '../operators/operator.js';
 export type { ProfileView } from '../operators/profile.js';
+export {
+  COHORT_SCHEMA, FUNNEL_SCHEMA, KPI_SCHEMA, PROFILE_SCHEMA, SEGMENT_SCHEMA, TRIGGER_SCHEMA, ArrowRowBuilder, arrowSchema, rowsToTable,
+  type ColumnKind, type ExportOptions, type ExportSchema, type ExportWhat,
+} from './arrow-export.js';
 export { MemoryStore, LevelStore, openStore, type KvStore } from '../state/index.js';
 
 /** Creates an engine and restores it from its store (SPEC §7 `createEngine(config)`). */
