@@ -179,7 +179,7 @@ async function convert(opts: { input: string[]; format?: InputFormat; map?: stri
     rejects[reason] = (rejects[reason] ?? 0) + 1;
     rejectStream ??= createWriteStream(rejectsFile);
     const raw = b.raw[i];
-    rejectStream.write(JSON.stringify({ reason, detail: b.detail[i], source: b.origin[i], payload: typeof raw === 'string' ? raw : raw == null ? null : Buffer.from(raw).toString('base64') }) + '\n');
+    rejectStream.write(JSON.stringify({ reason, detail: b.detail[i], source: b.originOf(i), payload: typeof raw === 'string' ? raw : raw == null ? null : Buffer.from(raw).toString('base64') }) + '\n');
   });
   if (rejectStream !== null) await new Promise<void>((resolve) => (rejectStream as WriteStream).end(() => resolve()));
   const secs = (performance.now() - started) / 1000;

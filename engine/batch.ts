@@ -35,7 +35,12 @@ export class EventColumns {
   /** The raw input of a row, kept so a rejected row can be dead-lettered as it came. */
   readonly raw: (Uint8Array | string | null)[];
   /** Where a row came from, for dead letters: `file:line`, `topic/partition@offset`, `http`. */
+  /**
+   * Where each row came from, for dead letters: `origin[i]`, or — when `originRow[i] >= 0` — that
+   * prefix followed by the row number (columnar sources: no string per row). Read it with originOf.
+   */
   readonly origin: string[];
+  readonly originRow: Int32Array;
   /** Canonical profile id, written by the identity operator for accepted rows. */
   readonly canon: string[];
   /**
@@ -72,9 +77,16 @@ export class EventColumns {
     this.detail = new Array<string>(capacity).fill('');
     this.raw = new Array<Uint8Array | string | null>(capacity).fill(null);
     this.origin = new Array<string>(capacity).fill('');
+    this.originRow = new Int32Array(capacity).fill(-1);
     this.canon = new Array<string>(capacity).fill('');
     this.given = new Array<string>(capacity).fill('');
     this.moved = new Array<Uint8Array | null>(capacity).fill(null);
+  }
+
+  /** Row i's origin (see origin / originRow). */
+  originOf(i: number): string {
+    const r = this.originRow[i]!;
+    return r < 0 ? this.origin[i]! : this.origin[i]! + r;
   }
 
   get full(): boolean {
@@ -102,6 +114,7 @@ export class EventColumns {
     this.typeCode.fill(0, start, end);
     this.status.fill(Reject.ok, start, end);
     this.size.fill(0, start, end);
+    this.originRow.fill(-1, start, end);
     for (let i = start; i < end; i++) {
       this.detail[i] = '';
       this.raw[i] = null;
@@ -145,6 +158,7 @@ export class EventColumns {
     this.detail[i] = '';
     this.raw[i] = raw;
     this.origin[i] = origin;
+    this.originRow[i] = -1;
     this.canon[i] = '';
     this.given[i] = '';
     this.moved[i] = null;
@@ -164,7 +178,7 @@ export class EventColumns {
     const j = this.push(
       src.eventId[i]!, src.type[i]!, src.userId[i]!, src.anonymousId[i]!, src.ts[i]!, src.amount[i]!, src.currency[i]!,
       src.orderId[i]!, src.channel[i]!, src.platform[i]!, src.campaignId[i]!, src.variant[i]!, src.triggerId[i]!,
-      src.props[i]!, src.size[i]!, src.raw[i]!, src.origin[i]!,
+      src.props[i]!, src.size[i]!, src.raw[i]!, src.originOf(i),
     );
     this.status[j] = src.status[i]!;
     this.detail[j] = src.detail[i]!;

@@ -522,7 +522,7 @@ export class Engine {
   /** Scale-out: row `i` goes to the partition holding `canon`, through the outbox (exactly once with this state). */
   private forward(b: EventColumns, i: number, canon: string, moved: Uint8Array | null): void {
     const event = crmstream.v1.Event.encode(rowToEvent(b, i)).finish();
-    this.outbox.append(Topic.route, crmstream.v1.Routed.encode({ event, canonical: canon, origin: b.origin[i]!, ...(moved === null ? {} : { moved }) }).finish());
+    this.outbox.append(Topic.route, crmstream.v1.Routed.encode({ event, canonical: canon, origin: b.originOf(i), ...(moved === null ? {} : { moved }) }).finish());
   }
 
   private flushRun(b: EventColumns, start: number, end: number): void {
@@ -658,7 +658,7 @@ export class Engine {
       if (payload.length > maxPayload) payload = payload.subarray(0, maxPayload);
       const ts = b.ts[i]!;
       const dl = crmstream.v1.DeadLetter.encode({
-        reason: rejectName(code), detail: b.detail[i]!, source: b.origin[i]!, payload,
+        reason: rejectName(code), detail: b.detail[i]!, source: b.originOf(i), payload,
         ts: Number.isFinite(ts) ? Math.trunc(ts) : 0,
       }).finish();
       this.outbox.append(Topic.deadLetter, dl);

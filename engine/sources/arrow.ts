@@ -277,7 +277,8 @@ class BatchReaders {
 }
 
 /**
- * Appends rows [from, to) of `rb` to `b` (which must have room); origins are `<prefix><row>`.
+ * Appends rows [from, to) of `rb` to `b` (which must have room); origins are `<prefix><row>`
+ * (kept as prefix + row number: no string per row unless a dead letter needs it).
  * Returns the number of rows appended. Row size (for `too_large`) is the sum of its strings'
  * lengths (props as their JSON text) plus 16 bytes of numbers: the event's size without the
  * syntax of a JSON line, not its compressed size on disk.
@@ -307,7 +308,8 @@ export function appendArrowRows(b: EventColumns, rb: RecordBatch, from: number, 
     const k = start + j;
     const p = props(from + j);
     b.props[k] = p ?? null;
-    b.origin[k] = originPrefix + (from + j);
+    b.origin[k] = originPrefix;
+    b.originRow[k] = from + j;
     b.size[k] = 16 + propsSize.bytes + b.eventId[k]!.length + b.type[k]!.length + b.userId[k]!.length + b.anonymousId[k]!.length
       + b.currency[k]!.length + b.orderId[k]!.length + b.channel[k]!.length + b.platform[k]!.length + b.campaignId[k]!.length
       + b.variant[k]!.length + b.triggerId[k]!.length;

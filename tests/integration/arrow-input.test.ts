@@ -5,7 +5,9 @@ import {
   Dictionary, Float64, Int32, Table, TimestampMicrosecond, Utf8, tableFromIPC, tableToIPC, vectorFromArray, makeVector,
 } from 'apache-arrow';
 import { afterAll, describe, expect, it } from 'vitest';
+import { crmstream } from '../../api/proto/gen/crmstream.js';
 import { Engine } from '../../engine/engine.js';
+import { Topic } from '../../engine/outbox.js';
 import { TrafficGenerator, isBad, type GenEvent } from '../../engine/sources/generator.js';
 import { PROJECT_ROOT, SHARED_DATA, runAndKill, tempDir } from '../helpers.js';
 
@@ -139,8 +141,18 @@ describe('Arrow in', () => {
       props: vectorFromArray([null, '{"consent_push":"true"}', null, 'not json', null, null], new Utf8()),
     });
     const e = await Engine.create({ time: { timeZone: 'UTC' } });
+    const deadLetters: string[] = [];
+    e.onOutput((o) => {
+      if (o.topic === Topic.deadLetter) {
+        const d = crmstream.v1.DeadLetter.decode(o.payload);
+        deadLetters.push(`${d.reason} ${d.source} ${crmstream.v1.Event.decode(d.payload).event_id}`);
+      }
+    });
     try {
       const r = await e.ingestArrow(t.batches[0]!);
+      await e.checkpoint();
+      // Each reject names its row and carries the row itself.
+      expect(deadLetters.sort()).toEqual(['bad_encoding arrow:3 e4', 'bad_timestamp arrow:5 e6']);
       // e4: props that are not a JSON object; e6: no ts.
       expect(r).toEqual({ accepted: 4, rejected: 2 });
       expect(Object.fromEntries(Object.entries(e.rejectCounts()).filter(([, v]) => v > 0))).toEqual({ bad_encoding: 1, bad_timestamp: 1 });
