@@ -749,7 +749,8 @@ function parseJson(m: Message): unknown {
   }
 }
 
-function header(m: Message, name: string): string | null {
+/** The value of header `name` of a message, or null. */
+export function header(m: Message, name: string): string | null {
   if (m.headers === undefined) return null;
   for (const h of m.headers) {
     const v = h[name];

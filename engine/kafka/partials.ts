@@ -18,7 +18,7 @@ import type { KafkaConsumer, Message } from 'node-rdkafka';
 import { crmstream } from '../../api/proto/gen/crmstream.js';
 import type { KpiPartials } from '../../operators/kpi.js';
 import { CrmError } from '../errors.js';
-import type { ChangelogMessage, SharedProducer } from './changelog.js';
+import { header, type ChangelogMessage, type SharedProducer } from './changelog.js';
 import type { KafkaConfig } from './config.js';
 
 /** Below Kafka's default message.max.bytes (1 MB) with room for headers and batching. */
@@ -121,10 +121,3 @@ export async function readPartials(kafka: KafkaConfig): Promise<{ parts: KpiPart
   }
 }
 
-function header(m: Message, name: string): string | null {
-  for (const h of m.headers ?? []) {
-    const v = h[name];
-    if (v !== undefined) return typeof v === 'string' ? v : v.toString('utf8');
-  }
-  return null;
-}

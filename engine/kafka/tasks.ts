@@ -39,7 +39,7 @@ import { CrmError } from '../errors.js';
 import { Reject } from '../event-types.js';
 import { Topic, type OutboxRecord, type OutboxSink } from '../outbox.js';
 import { appendRouted, partitionOf, partitionRouter, routeKey } from '../routing.js';
-import { SharedProducer, openChangelogStore, type ChangelogMessage, type RestoreStats } from './changelog.js';
+import { SharedProducer, header, openChangelogStore, type ChangelogMessage, type RestoreStats } from './changelog.js';
 import type { KafkaConfig } from './config.js';
 import { publishPartials } from './partials.js';
 
@@ -623,15 +623,6 @@ function addRouting(into: { forwarded: number; movedOut: number; movedIn: number
 /** A sink shared by every task: their engines must not close it. */
 function shared(sink: OutboxSink): OutboxSink {
   return { name: sink.name, topics: sink.topics, open: (s) => sink.open(s), deliver: (r) => sink.deliver(r), close: async () => {} };
-}
-
-function header(m: Message, name: string): string | null {
-  if (m.headers === undefined) return null;
-  for (const h of m.headers) {
-    const v = h[name];
-    if (v !== undefined) return typeof v === 'string' ? v : v.toString('utf8');
-  }
-  return null;
 }
 
 function partitionCount(consumer: KafkaConsumer, topic: string): Promise<number> {

@@ -12,6 +12,7 @@ import { sha256Hex } from '../../api/auth.js';
 import { compareRows } from '../oracle/compare.js';
 import { KpiOracle, type OracleEvent } from '../oracle/kpi-oracle.js';
 import { PROJECT_ROOT, runAndKill, tempDir } from '../helpers.js';
+import { produceAll } from '../kafka-helpers.js';
 
 /**
  * Kafka in and out on librdkafka's mock cluster, which runs in its own process (tools/kafka-mock.c):
@@ -42,25 +43,6 @@ let oracle: KpiOracle;
 const accepted: OracleEvent[] = [];
 const expectedRejects: Record<string, number> = {};
 let expectedMaxTs = 0;
-
-async function produceAll(topic: string, records: { key: string; value: Buffer }[]): Promise<void> {
-  const p = new Kafka.Producer({ 'metadata.broker.list': mock.bootstrap, 'linger.ms': 5, 'enable.idempotence': true });
-  await new Promise<void>((resolve, reject) => p.connect({}, (e) => (e ? reject(e) : resolve())));
-  p.setPollInterval(10);
-  for (const r of records) {
-    for (let tries = 0; ; tries++) {
-      try {
-        p.produce(topic, null, r.value, r.key);
-        break;
-      } catch (err) {
-        if (tries > 2000) throw err;
-        await new Promise((res) => setTimeout(res, 5));
-      }
-    }
-  }
-  await new Promise<void>((resolve, reject) => p.flush(30_000, (e) => (e ? reject(e) : resolve())));
-  await new Promise<void>((resolve) => p.disconnect(() => resolve()));
-}
 
 /** Reads a topic from the beginning until `want` messages arrived (bounded: 30 s). */
 async function readTopic(topic: string, want: number): Promise<Kafka.Message[]> {
@@ -186,7 +168,7 @@ beforeAll(async () => {
     expectedMaxTs = Math.max(expectedMaxTs, e.ts);
     accepted.push({ event_id: e.event_id, type: e.type, user_id: e.user_id, anonymous_id: e.anonymous_id, ts: e.ts, amount: e.amount === 0 ? Number.NaN : e.amount, channel: e.channel, platform: e.platform });
   }
-  await produceAll('events', records);
+  await produceAll(mock.bootstrap, 'events', records);
   await oracle.load(accepted);
 }, 120_000);
 
@@ -304,7 +286,7 @@ describe('KafkaSource', () => {
       { event_id: 'j2', type: 'sign_up', anonymous_id: 'a1', user_id: 'u1', ts: '2024-03-01T10:05:00+09:00' },
       { event_id: 'j3', type: 'purchase', user_id: 'u1', ts: '2024-03-01T11:00:00+09:00', amount: 12000, order_id: 'o1' },
     ];
-    await produceAll('json-events', [
+    await produceAll(mock.bootstrap, 'json-events', [
       ...good.map((e) => ({ key: 'u1', value: Buffer.from(JSON.stringify(e)) })),
       { key: 'x', value: Buffer.from('{not json') },
       { key: 'x', value: Buffer.alloc(0) },

@@ -20,6 +20,7 @@ import { KpiOracle, type OracleEvent } from '../oracle/kpi-oracle.js';
 import { engineMembership, membershipDiff, type Membership } from '../oracle/membership.js';
 import { SegmentOracle } from '../oracle/segment-oracle.js';
 import { DAY, PROJECT_ROOT, tempDir } from '../helpers.js';
+import { produceAll } from '../kafka-helpers.js';
 
 /**
  * Scale-out through the consumer group (docs/KAFKA.md "Several instances"): `crmstream run`
@@ -58,24 +59,6 @@ let referenceAccepted = 0;
 async function connected<T extends { connect: (o: object, cb: (e: unknown) => void) => unknown }>(c: T): Promise<T> {
   await new Promise<void>((resolve, reject) => c.connect({}, (e) => (e ? reject(e as Error) : resolve())));
   return c;
-}
-
-async function produceAll(topic: string, records: readonly { key: string; value: Buffer }[]): Promise<void> {
-  const p = await connected(new Kafka.Producer({ 'metadata.broker.list': mock.bootstrap, 'linger.ms': 5, 'enable.idempotence': true }));
-  p.setPollInterval(10);
-  for (const r of records) {
-    for (let tries = 0; ; tries++) {
-      try {
-        p.produce(topic, null, r.value, r.key);
-        break;
-      } catch (err) {
-        if (tries > 2000) throw err;
-        await new Promise((res) => setTimeout(res, 5));
-      }
-    }
-  }
-  await new Promise<void>((resolve, reject) => p.flush(30_000, (e) => (e ? reject(e) : resolve())));
-  await new Promise<void>((resolve) => p.disconnect(() => resolve()));
 }
 
 /** Per topic: the group's committed offsets and the high watermarks, partitions 0..P-1. */
@@ -219,7 +202,7 @@ describe('scale-out across instances of one consumer group', () => {
           consumer: { 'session.timeout.ms': 6_000, 'heartbeat.interval.ms': 500 },
         },
       }));
-      await produceAll('events', part1);
+      await produceAll(mock.bootstrap, 'events', part1);
       const a = start(config, path.join(t.dir, 'a'), log);
       const b = start(config, path.join(t.dir, 'b'), log);
       children.push(a, b);
@@ -233,7 +216,7 @@ describe('scale-out across instances of one consumer group', () => {
       }
       a.kill('SIGKILL');
       await exited(a, 10_000);
-      await produceAll('events', part2);
+      await produceAll(mock.bootstrap, 'events', part2);
       const c = start(config, path.join(t.dir, 'c'), log);
       children.push(c);
       await quiescent('scale', 'route', 150_000);
