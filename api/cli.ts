@@ -164,7 +164,6 @@ async function finishBackfill(engine: Engine, total: number, startRow: number, s
  */
 async function convert(opts: { input: string[]; format?: InputFormat; map?: string; tz?: string; out: string; stream?: boolean }): Promise<void> {
   const { writeArrowEvents } = await import('../engine/sources/arrow.js');
-  const { createWriteStream: cws } = await import('node:fs');
   const started = performance.now();
   const format: InputFormat = opts.format ?? (opts.input.every((f) => f.endsWith('.csv')) ? 'csv' : 'jsonl');
   const map = opts.map === undefined ? null : parseMap(readJsonFile(opts.map, 'map file'));
@@ -172,7 +171,7 @@ async function convert(opts: { input: string[]; format?: InputFormat; map?: stri
   const rejectsFile = `${opts.out}.rejects.jsonl`;
   let rejectStream: WriteStream | null = null;
   const rejects: Record<string, number> = {};
-  const written = await writeArrowEvents(cws(opts.out), opts.stream === true ? 'stream' : 'file', (emit) => input.forEachRow(emit));
+  const written = await writeArrowEvents(createWriteStream(opts.out), opts.stream === true ? 'stream' : 'file', (emit) => input.forEachRow(emit));
   input.forEachRow((b, i) => {
     if (b.status[i] === 0) return;
     const reason = rejectName(b.status[i]!);

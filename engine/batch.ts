@@ -34,10 +34,10 @@ export class EventColumns {
   readonly detail: string[];
   /** The raw input of a row, kept so a rejected row can be dead-lettered as it came. */
   readonly raw: (Uint8Array | string | null)[];
-  /** Where a row came from, for dead letters: `file:line`, `topic/partition@offset`, `http`. */
   /**
-   * Where each row came from, for dead letters: `origin[i]`, or — when `originRow[i] >= 0` — that
-   * prefix followed by the row number (columnar sources: no string per row). Read it with originOf.
+   * Where each row came from, for dead letters (`file:line`, `topic/partition@offset`, `http`):
+   * `origin[i]`, or — when `originRow[i] >= 0` — that prefix followed by the row number (columnar
+   * sources: no string per row). Read it with originOf.
    */
   readonly origin: string[];
   readonly originRow: Int32Array;

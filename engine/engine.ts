@@ -1,9 +1,9 @@
 import { performance } from 'node:perf_hooks';
 import path from 'node:path';
 import { crmstream } from '../api/proto/gen/crmstream.js';
-import type { RecordBatch } from 'apache-arrow';
+import type { RecordBatch, Table } from 'apache-arrow';
+import type { ExportOptions, ExportWhat } from './arrow-export.js';
 import { EventColumns } from './batch.js';
-import { appendArrowRows, arrowReaders } from './sources/arrow.js';
 import { resolveConfig, type ConfigInput, type EngineConfig } from './config.js';
 import { DedupeIndex } from './dedupe.js';
 import { CrmError, cleanupAll } from './errors.js';
@@ -410,6 +410,8 @@ export class Engine {
    * for await (const rb of RecordBatchReader.from(stream)) await engine.ingestArrow(rb);
    */
   async ingestArrow(rb: RecordBatch, position: unknown = this.positionValue): Promise<BatchResult> {
+    // Loaded on first use: apache-arrow is not part of every engine's start-up.
+    const { appendArrowRows, arrowReaders } = await import('./sources/arrow.js');
     const readers = arrowReaders(rb, 'ingestArrow');
     const b = (this.arrowBatch ??= new EventColumns(this.config.batchRows));
     const total: BatchResult = { accepted: 0, rejected: 0 };
@@ -790,7 +792,7 @@ export class Engine {
    * const t = await engine.exportArrow('kpis', { grain: 'month' });
    * writeFileSync('kpis.arrow', tableToIPC(t, 'file'));
    */
-  async exportArrow(what: import('./arrow-export.js').ExportWhat, opts: import('./arrow-export.js').ExportOptions = {}): Promise<import('apache-arrow').Table> {
+  async exportArrow(what: ExportWhat, opts: ExportOptions = {}): Promise<Table> {
     const { exportTable } = await import('./arrow-export.js');
     return exportTable(this, what, opts);
   }

@@ -609,9 +609,8 @@ export class CampaignOperator implements Operator {
   }
 
   beforeMerge(_into: UserRecord, from: UserRecord, ctx: OperatorContext): void {
-    const u = from.slots[this.slotIndex] as CampUser;
-    if (!Number.isNaN(u.timerTs)) ctx.timers.cancel(from.id, CAMP_TIMER, u.timerTs);
-    u.timerTs = Number.NaN;
+    this.release(from, ctx);
+    (from.slots[this.slotIndex] as CampUser).timerTs = Number.NaN;
   }
 
   afterMerge(into: UserRecord, ctx: OperatorContext): void {

@@ -1035,7 +1035,7 @@ export class SegmentOperator implements Operator {
       u.member[s] = 0;
       u.since[s] = Number.NaN;
     }
-    if (!Number.isNaN(u.timerTs)) ctx.timers.cancel(from.id, SEG_TIMER, u.timerTs);
+    this.release(from, ctx);
     u.timerTs = Number.NaN;
   }
 

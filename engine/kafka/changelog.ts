@@ -50,6 +50,7 @@ import Kafka from 'node-rdkafka';
 import type { DeliveryReport, KafkaConsumer, LibrdKafkaError, Message, MessageHeader, Producer, WatermarkOffsets } from 'node-rdkafka';
 import type { KvEntry, KvStore, Range, WriteOp } from '../../state/store.js';
 import { CrmError } from '../errors.js';
+import { header } from './util.js';
 
 /** The wrapper's own key in the local store: the changelog offset the local copy covers. */
 export const CHANGELOG_NEXT_KEY = 'm/changelog-next';
@@ -747,16 +748,6 @@ function parseJson(m: Message): unknown {
   } catch (err) {
     throw corrupt(m, 'value is not JSON', err);
   }
-}
-
-/** The value of header `name` of a message, or null. */
-export function header(m: Message, name: string): string | null {
-  if (m.headers === undefined) return null;
-  for (const h of m.headers) {
-    const v = h[name];
-    if (v !== undefined) return typeof v === 'string' ? v : v.toString('utf8');
-  }
-  return null;
 }
 
 function corrupt(m: Message, what: string, cause?: unknown): CrmError {

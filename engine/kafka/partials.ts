@@ -18,8 +18,9 @@ import type { KafkaConsumer, Message } from 'node-rdkafka';
 import { crmstream } from '../../api/proto/gen/crmstream.js';
 import type { KpiPartials } from '../../operators/kpi.js';
 import { CrmError } from '../errors.js';
-import { header, type ChangelogMessage, type SharedProducer } from './changelog.js';
+import type { ChangelogMessage, SharedProducer } from './changelog.js';
 import type { KafkaConfig } from './config.js';
+import { header, partitionCount } from './util.js';
 
 /** Below Kafka's default message.max.bytes (1 MB) with room for headers and batching. */
 const CHUNK_BYTES = 512 * 1024;
@@ -79,11 +80,7 @@ export async function readPartials(kafka: KafkaConfig): Promise<{ parts: KpiPart
   }, { 'auto.offset.reset': 'earliest' });
   await new Promise<void>((resolve, reject) => consumer.connect({ timeout: 30_000 }, (err) => (err ? reject(new CrmError('KAFKA_ERROR', `cannot connect to ${kafka.brokers}`, { cause: err })) : resolve())));
   try {
-    const n = await new Promise<number>((resolve, reject) => consumer.getMetadata({ topic, timeout: 10_000 }, (err, md) => {
-      const t = err ? undefined : md.topics.find((x) => x.name === topic);
-      if (t === undefined || t.partitions.length === 0) reject(new CrmError('KAFKA_ERROR', `cannot read the partitions of ${topic}`, { cause: err }));
-      else resolve(t.partitions.length);
-    }));
+    const n = await partitionCount(consumer, topic);
     const ends = await Promise.all(Array.from({ length: n }, (_, p) => new Promise<number>((resolve, reject) => {
       consumer.queryWatermarkOffsets(topic, p, 10_000, (err, w) => (err ? reject(new CrmError('KAFKA_ERROR', `watermarks of ${topic}/${p}`, { cause: err })) : resolve(w.highOffset)));
     })));

@@ -33,15 +33,16 @@ import { crmstream } from '../../api/proto/gen/crmstream.js';
 import { openStore } from '../../state/index.js';
 import { EventColumns } from '../batch.js';
 import { appendJsonEvent, appendProtoEvent } from '../codec.js';
-import type { ConfigInput } from '../config.js';
+import { resolveConfig, type ConfigInput, type EngineConfig } from '../config.js';
 import { Engine } from '../engine.js';
 import { CrmError } from '../errors.js';
 import { Reject } from '../event-types.js';
 import { Topic, type OutboxRecord, type OutboxSink } from '../outbox.js';
 import { appendRouted, partitionOf, partitionRouter, routeKey } from '../routing.js';
-import { SharedProducer, header, openChangelogStore, type ChangelogMessage, type RestoreStats } from './changelog.js';
+import { SharedProducer, openChangelogStore, type ChangelogMessage, type RestoreStats } from './changelog.js';
 import type { KafkaConfig } from './config.js';
 import { publishPartials } from './partials.js';
+import { header, partitionCount } from './util.js';
 
 const ERR_ASSIGN = -175;
 const ERR_REVOKE = -174;
@@ -98,7 +99,7 @@ interface Task {
   readonly p: number;
   readonly engine: Engine;
   readonly batch: EventColumns;
-  /** Next route offset to process; messages below it (fetched before the seek) are stale. */
+  /** Next route offset to process; messages below it have been processed (or skipped) already. */
   next: number;
   readonly hw: Map<string, number>;
   /** Processed since the last checkpoint. */
@@ -136,7 +137,8 @@ export class ScaleOutRunner {
   private closing = false;
   /** Set when the tasks are closed: the revoke of the final disconnect is answered at once. */
   private stopped = false;
-  private readonly batchRows: number;
+  /** The engine settings every task shares (defaults applied once): batch size, zone, backend, checkpoint interval. */
+  private readonly cfg: EngineConfig;
   private readonly counters = { routed: 0, hints: 0, duplicatesSkipped: 0, processed: 0, rebalances: 0, commits: 0, errors: 0, partialsPublished: 0 };
   /** Engine routing counters of tasks already closed here (open ones are added in stats()). */
   private readonly closedRouting = { forwarded: 0, movedOut: 0, movedIn: 0 };
@@ -149,7 +151,7 @@ export class ScaleOutRunner {
     private readonly producer: SharedProducer,
     private readonly n: number,
   ) {
-    this.batchRows = opts.engine.batchRows ?? 4096;
+    this.cfg = resolveConfig({ ...opts.engine, dataDir: opts.dataDir });
   }
 
   private get events(): string {
@@ -309,7 +311,7 @@ export class ScaleOutRunner {
 
   private async openTask(p: number): Promise<Task> {
     const dir = path.join(this.opts.dataDir, 'tasks', String(p));
-    const kind = this.opts.engine.state?.backend ?? 'level';
+    const kind = this.cfg.state.backend;
     const local = openStore(kind, kind === 'level' ? path.join(dir, 'state') : null);
     const { store, restored } = await openChangelogStore(local, this.producer, {
       brokers: this.opts.kafka.brokers, topic: this.opts.kafka.scaleOut!.changelogTopic, partition: p, clientId: this.opts.kafka.clientId,
@@ -325,7 +327,7 @@ export class ScaleOutRunner {
       throw err;
     }
     const pos = engine.position;
-    const task: Task = { p, engine, batch: new EventColumns(this.batchRows), next: 0, hw: new Map(), dirty: false, unpublished: true };
+    const task: Task = { p, engine, batch: new EventColumns(this.cfg.batchRows), next: 0, hw: new Map(), dirty: false, unpublished: true };
     if (isTaskPosition(pos, this.route, p)) {
       task.next = pos.task.offset;
       for (const [src, seq] of Object.entries(pos.task.hw)) task.hw.set(src, seq);
@@ -343,7 +345,6 @@ export class ScaleOutRunner {
   }
 
   private async closeTask(t: Task): Promise<void> {
-    await t.engine.checkpoint();
     if (t.unpublished) await this.publish(t);
     // Engine.close takes the last checkpoint (logged to the changelog) and delivers its outbox.
     await t.engine.close();
@@ -365,10 +366,8 @@ export class ScaleOutRunner {
         if (this.eventsNext.has(m.partition)) toRoute.push(m);
       } else if (m.topic === this.route) {
         const t = this.tasks.get(m.partition);
-        if (t === undefined || m.offset < t.next) continue; // revoked, or fetched before the seek
-        let list = routeByTask.get(m.partition);
-        if (list === undefined) routeByTask.set(m.partition, (list = []));
-        list.push(m);
+        if (t === undefined || m.offset < t.next) continue; // revoked, or already processed
+        listOf(routeByTask, m.partition).push(m);
       }
     }
     if (toRoute.length > 0) this.routeEvents(toRoute);
@@ -378,7 +377,7 @@ export class ScaleOutRunner {
   /** Stage 0: re-keys events by identity into the route topic (acknowledged before their offsets are committed). */
   private routeEvents(msgs: Message[]): void {
     const json = this.opts.kafka.format === 'json';
-    const tz = this.opts.engine.time?.timeZone ?? 'Asia/Seoul';
+    const tz = this.cfg.time.timeZone;
     const byDest = new Map<number, ChangelogMessage[]>();
     const commit = new Map<number, number>();
     const b = this.scratch;
@@ -392,9 +391,7 @@ export class ScaleOutRunner {
       const key = b.status[0] === Reject.ok ? routeKey(b.userId[0]!, b.anonymousId[0]!, b.eventId[0]!) : origin;
       if (b.status[0] === Reject.ok && b.ts[0]! > (this.maxTs.get(m.partition) ?? -Infinity)) this.maxTs.set(m.partition, b.ts[0]!);
       const dest = partitionOf(key, this.n);
-      let list = byDest.get(dest);
-      if (list === undefined) byDest.set(dest, (list = []));
-      list.push({
+      listOf(byDest, dest).push({
         key,
         value: crmstream.v1.Routed.encode({ event: value, json, origin }).finish(),
         headers: [{ [H_SRC]: `e${m.partition}` }, { [H_SEQ]: String(m.offset) }],
@@ -438,11 +435,7 @@ export class ScaleOutRunner {
       if (this.hinted.get(q) === ts) continue;
       this.hinted.set(q, ts);
       const value = crmstream.v1.Routed.encode({ watermark: ts }).finish();
-      for (let p = 0; p < this.n; p++) {
-        let list = byDest.get(p);
-        if (list === undefined) byDest.set(p, (list = []));
-        list.push({ key: `hint-e${q}`, value, headers: [] });
-      }
+      for (let p = 0; p < this.n; p++) listOf(byDest, p).push({ key: `hint-e${q}`, value, headers: [] });
       this.counters.hints++;
     }
     if (byDest.size > 0) this.send(byDest, new Map());
@@ -450,7 +443,7 @@ export class ScaleOutRunner {
 
   /** Task p: de-duplicates by source seq, splits batches at watermarks, and ingests. */
   private async process(t: Task, msgs: Message[]): Promise<void> {
-    const tz = this.opts.engine.time?.timeZone ?? 'Asia/Seoul';
+    const tz = this.cfg.time.timeZone;
     const b = t.batch;
     b.reset();
     for (const m of msgs) {
@@ -494,8 +487,8 @@ export class ScaleOutRunner {
   }
 
   /**
-   * Publishes a task's KPI partials as of its last checkpoint's inputs. Taken between batches, so
-   * they are the KPIs of a prefix of its route partition: a consistent cut of that task.
+   * Publishes a task's KPI partials: everything it has processed. Taken between batches, so they
+   * are the KPIs of a prefix of its route partition — a consistent cut of that task.
    */
   private async publish(t: Task): Promise<void> {
     t.unpublished = false;
@@ -514,7 +507,7 @@ export class ScaleOutRunner {
       this.lastHint = now;
       this.broadcastHints();
     }
-    const every = this.opts.engine.checkpoint?.intervalMs ?? 1_000;
+    const every = this.cfg.checkpoint.intervalMs;
     if (now - this.lastCheckpoint >= every) {
       this.lastCheckpoint = now;
       for (const t of this.tasks.values()) {
@@ -592,15 +585,13 @@ class RouteSink implements OutboxSink {
     for (const r of records) {
       const m = crmstream.v1.Routed.decode(r.payload);
       const at = /\/(\d+)@(\d+)$/.exec(m.origin);
-      // Rows from the events topic always carry their origin; the fallback keeps a record that
-      // somehow does not unique by its outbox seq rather than losing it.
+      // Rows from the events topic always carry their origin; a row without one is made unique by
+      // its outbox seq instead, rather than lost.
       const headers: MessageHeader[] = at === null
         ? [{ [H_SRC]: `t${this.p}o` }, { [H_SEQ]: String(r.seq) }]
         : [{ [H_SRC]: `t${this.p}e${at[1]}` }, { [H_SEQ]: at[2]! }];
       const dest = partitionOf(m.canonical, this.n);
-      let list = byDest.get(dest);
-      if (list === undefined) byDest.set(dest, (list = []));
-      list.push({ key: m.canonical, value: r.payload, headers });
+      listOf(byDest, dest).push({ key: m.canonical, value: r.payload, headers });
     }
     const deadline = performance.now() + this.deliveryTimeoutMs;
     const outs = await Promise.all([...byDest].map(([dest, list]) => this.producer.produceBatch(this.topic, dest, list, deadline)));
@@ -613,6 +604,13 @@ class RouteSink implements OutboxSink {
   async close(): Promise<void> {}
 }
 
+/** The list of `key` in `map`, created empty on first use. */
+function listOf<K, V>(map: Map<K, V[]>, key: K): V[] {
+  let list = map.get(key);
+  if (list === undefined) map.set(key, (list = []));
+  return list;
+}
+
 function addRouting(into: { forwarded: number; movedOut: number; movedIn: number }, engine: Engine): void {
   const s = engine.stats();
   into.forwarded += s['forwarded'] ?? 0;
@@ -623,17 +621,6 @@ function addRouting(into: { forwarded: number; movedOut: number; movedIn: number
 /** A sink shared by every task: their engines must not close it. */
 function shared(sink: OutboxSink): OutboxSink {
   return { name: sink.name, topics: sink.topics, open: (s) => sink.open(s), deliver: (r) => sink.deliver(r), close: async () => {} };
-}
-
-function partitionCount(consumer: KafkaConsumer, topic: string): Promise<number> {
-  return new Promise((resolve, reject) => {
-    consumer.getMetadata({ topic, timeout: 10_000 }, (err, md) => {
-      if (err) return reject(new CrmError('KAFKA_ERROR', `cannot read the metadata of ${topic}`, { cause: err }));
-      const t = md.topics.find((x) => x.name === topic);
-      if (t === undefined || t.partitions.length === 0) return reject(new CrmError('CONFIG_INVALID', `scale-out: topic ${topic} does not exist`));
-      resolve(t.partitions.length);
-    });
-  });
 }
 
 const EMPTY = Buffer.alloc(0);
