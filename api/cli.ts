@@ -9,12 +9,12 @@ import { Engine, mergeKpis, type SourceItem } from '../engine/engine.js';
 import { campaignReport } from '../operators/campaign-report.js';
 import { CrmError } from '../engine/errors.js';
 import { rejectName } from '../engine/event-types.js';
-import type { ConfigInput } from '../engine/config.js';
+import { resolveConfig, type ConfigInput } from '../engine/config.js';
 import { parseTimestamp } from '../engine/codec.js';
 import { parseMap } from '../engine/sources/csv.js';
 import { SortedInput, type BackfillPosition, type InputFormat } from '../engine/sources/files.js';
 import { parse as parseYaml } from 'yaml';
-import { EXPORT_FORMATS, writeRows, type ExportFormat } from './export.js';
+import { EXPORT_FORMATS, assertCheckpoint, writeRows, type ExportFormat } from './export.js';
 import { KPI_SCHEMA, exportSource, type ExportWhat } from '../engine/arrow-export.js';
 import type { CohortKind, KpiGrain } from '../operators/kpi-rows.js';
 
@@ -232,6 +232,10 @@ interface ExportOpts { dataDir: string; format: ExportFormat; out?: string; conf
  * (engine/arrow-export.ts), written in the chosen format as they are read.
  */
 async function exportCmd(what: ExportWhat, o: ExportOpts): Promise<void> {
+  // A data dir without a checkpoint is an error (STATE_NOT_FOUND), checked before Engine.create
+  // would create a store there; only the LevelDB backend keeps one (state.backend from --config).
+  const cfg = resolveConfig(loadConfig(o.config, o.dataDir, undefined));
+  if (cfg.state.backend === 'level' && cfg.dataDir !== null) await assertCheckpoint(cfg.dataDir);
   await withStoredEngine(o, async (e) => {
     const { schema, rows } = exportSource(e, what, { grain: o.grain, kind: o.kind, segment: o.id });
     await writeRows(rows, schema, o.format, o.out);

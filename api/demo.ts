@@ -17,7 +17,7 @@ import { KafkaSource } from '../engine/kafka/source.js';
 import { TrafficGenerator, encodeProto, isBad } from '../engine/sources/generator.js';
 import { newApiKey } from './auth.js';
 import { EngineGate } from './gate.js';
-import { drive, kafkaMetrics } from './run.js';
+import { DEFAULT_MAX_KAFKA_LAG, drive, kafkaMetrics, kafkaReadiness } from './run.js';
 import { CrmServer } from './server.js';
 import { TriggerHub } from './trigger-hub.js';
 
@@ -137,7 +137,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     // The mock cluster is new in every run and its topic starts at offset 0: the offsets a reused
     // --data-dir holds are those of an earlier cluster, so the source starts from the beginning.
     source = await KafkaSource.connect(kafka, {
-      position: null, batchRows: eng.config.batchRows, timeZone: eng.config.time.timeZone, onError,
+      position: null, inputs: eng.inputWatermarks(), batchRows: eng.config.batchRows, timeZone: eng.config.time.timeZone, onError,
     });
     const src = source;
     eng.onCheckpoint((p) => src.commit(p));
@@ -145,9 +145,17 @@ export async function runDemo(o: DemoOptions): Promise<void> {
       failure = err;
       stopping = true;
     });
+    // Fail closed: an engine that failed through any path (an HTTP request's checkpoint, the idle
+    // checkpoint) stops the demo, which exits non-zero with the cause.
+    void eng.failed.then((err) => {
+      failure ??= err;
+      stopping = true;
+    });
 
     const { key, entry } = newApiKey('demo', ['admin']);
-    server = await CrmServer.start(gate, hub, { port: o.port, keys: [entry], metrics: kafkaMetrics(src, sink) });
+    // The demo sender gets a key of its own, as a real sender would: its group, and posting its message_* events.
+    const senderKey = newApiKey('demo-sender', ['triggers', 'ingest'], [DemoSender.GROUP]);
+    server = await CrmServer.start(gate, hub, { port: o.port, keys: [entry, senderKey.entry], metrics: kafkaMetrics(src, sink), readiness: kafkaReadiness(src, DEFAULT_MAX_KAFKA_LAG) });
     const base = `http://127.0.0.1:${server.port}`;
 
     const prod = new Kafka.Producer({
@@ -170,7 +178,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     out.write(`  dashboard: ${base}/#key=${key}\n`);
     out.write(`  api key (admin): ${key}   e.g. curl -H 'authorization: Bearer ${key}' '${base}/v1/kpis?grain=day'\n`);
     out.write(`  generating ${o.rate} events/s over ${o.users} users; Ctrl-C stops (state is checkpointed)\n`);
-    sender = new DemoSender(base, key);
+    sender = new DemoSender(base, senderKey.key);
     sender.start();
     // Without its cluster the demo cannot go on: stop (with an error) rather than wait for it.
     const cluster = mock;
@@ -192,6 +200,10 @@ export async function runDemo(o: DemoOptions): Promise<void> {
     while (!stopping && (o.duration === undefined || performance.now() - started < o.duration * 1000)) {
       const tickStart = performance.now();
       for (let j = 0; j < perTick && !stopping; j++) {
+        // The simulated day has quiet hours, in which its clock runs faster than the wall clock:
+        // it waits for the wall clock rather than send events from the future (the engine rejects
+        // those as future_timestamp, time.maxFutureMs).
+        if (pending === null && gen.now > Date.now()) break;
         if (pending === null) {
           const r = gen.nextRecord();
           if (isBad(r)) {
@@ -295,6 +307,7 @@ export async function runDemo(o: DemoOptions): Promise<void> {
  * (not the holdout's), acks, and reports delivery, opens and clicks back as events.
  */
 class DemoSender {
+  static readonly GROUP = 'demo-sender';
   received = 0;
   private ws: WebSocket | null = null;
   private stopped = false;
@@ -319,7 +332,7 @@ class DemoSender {
     if (this.stopped) return;
     const ws = new WebSocket(`${this.base.replace('http', 'ws')}/v1/triggers?key=${this.key}`, 'json');
     this.ws = ws;
-    ws.on('open', () => ws.send(JSON.stringify({ subscribe_triggers: { group: 'demo-sender', max_in_flight: 500 } })));
+    ws.on('open', () => ws.send(JSON.stringify({ subscribe_triggers: { group: DemoSender.GROUP, max_in_flight: 500 } })));
     ws.on('message', (data) => {
       const f = JSON.parse(String(data)) as { trigger?: { seq: number; trigger_id: string; campaign_id: string; variant: string; control: boolean; user_id: string; send_after_ts: number } };
       const t = f.trigger;

@@ -1,9 +1,12 @@
-import { createWriteStream, type WriteStream } from 'node:fs';
+import { createWriteStream, existsSync, type WriteStream } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { once } from 'node:events';
+import path from 'node:path';
 import { AsyncByteQueue, RecordBatchFileWriter, RecordBatchStreamWriter, Table, tableToIPC, type RecordBatch } from 'apache-arrow';
 import { ArrowRowBuilder, type ExportSchema } from '../engine/arrow-export.js';
-import { cleanupAll } from '../engine/errors.js';
+import { META_KEY } from '../engine/engine.js';
+import { CrmError, cleanupAll } from '../engine/errors.js';
+import { LevelStore } from '../state/level.js';
 
 /**
  * Row exports in the formats of SPEC §9:
@@ -159,4 +162,34 @@ export async function writeRows(
 
 function endStream(stream: WriteStream): Promise<void> {
   return new Promise<void>((resolve, reject) => stream.end((err?: Error | null) => (err ? reject(err) : resolve())));
+}
+
+/**
+ * Refuses a data dir that holds no checkpoint, before anything opens it for the engine: opening a
+ * LevelDB directory creates it, so a mistyped `--data-dir` would otherwise leave an empty store
+ * behind and export no rows with exit 0. Checks, creating nothing: the directory exists, it has a
+ * LevelDB store under `state/` (its CURRENT file), and that store holds the engine's checkpoint
+ * record. A store open elsewhere fails here with STATE_LOCKED (state/level.ts).
+ *
+ * @throws CrmError STATE_NOT_FOUND naming the path tried and how to fix it.
+ * @example
+ * await assertCheckpoint('./state');   // then Engine.create({ dataDir: './state' }, …)
+ */
+export async function assertCheckpoint(dataDir: string): Promise<void> {
+  const dir = path.resolve(dataDir);
+  const stateDir = path.join(dir, 'state');
+  const fix = 'pass the --data-dir a backfill or run wrote (the directory that holds state/), or build one first with `crmstream backfill --data-dir DIR --input FILE`';
+  if (!existsSync(dir)) throw new CrmError('STATE_NOT_FOUND', `no data dir at ${dir}: ${fix}`);
+  if (!existsSync(path.join(stateDir, 'CURRENT'))) throw new CrmError('STATE_NOT_FOUND', `${dir} holds no state store (no ${path.join(stateDir, 'CURRENT')}): ${fix}`);
+  const store = new LevelStore(stateDir);
+  await store.open();
+  let meta: Uint8Array | undefined;
+  let failure: unknown = null;
+  try {
+    meta = await store.get(META_KEY);
+  } catch (err) {
+    failure = err;
+  }
+  await cleanupAll([() => { if (failure !== null) throw failure; }, () => store.close()]);
+  if (meta === undefined) throw new CrmError('STATE_NOT_FOUND', `the state store ${stateDir} holds no checkpoint (no ${META_KEY} record): ${fix}`);
 }

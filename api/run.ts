@@ -5,7 +5,7 @@ import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { resolveConfig, type ConfigInput } from '../engine/config.js';
 import { Engine, type SourceItem } from '../engine/engine.js';
-import { CrmError } from '../engine/errors.js';
+import { CrmError, cleanupAll } from '../engine/errors.js';
 import type { ScaleOutRunner as Runner } from '../engine/kafka/tasks.js';
 import { resolveKafkaConfig, type KafkaConfig } from '../engine/kafka/config.js';
 import { KafkaSink } from '../engine/kafka/sink.js';
@@ -13,8 +13,8 @@ import { KafkaSource } from '../engine/kafka/source.js';
 import type { OutboxSink } from '../engine/outbox.js';
 import { ApiKeySchema } from './auth.js';
 import { EngineGate } from './gate.js';
-import { CrmServer } from './server.js';
-import { TriggerHub } from './trigger-hub.js';
+import { CrmServer, counterOf, type ReadinessFailure } from './server.js';
+import { TriggerHub, TriggerHubConfigSchema } from './trigger-hub.js';
 
 /**
  * `crmstream run --config FILE`: the engine on a Kafka events topic, with output topics and (when
@@ -25,6 +25,9 @@ import { TriggerHub } from './trigger-hub.js';
  * validated before anything starts; CONFIG_INVALID lists each offending field with its path.
  */
 
+/** Default of `server.maxKafkaLag`: about a few seconds of a busy topic; a backlog being caught up is "not ready" until it is read. */
+export const DEFAULT_MAX_KAFKA_LAG = 100_000;
+
 const ServerSectionSchema = z.object({
   port: z.number().int().min(0).max(65_535).default(8080),
   host: z.string().min(1).default('127.0.0.1'),
@@ -32,6 +35,21 @@ const ServerSectionSchema = z.object({
   keys: z.array(ApiKeySchema).min(1, 'configure at least one API key'),
   kpiCoalesceMs: z.number().int().min(10).optional(),
   maxBodyBytes: z.number().int().min(1024).optional(),
+  // Ingest and socket limits (docs/GUARANTEES.md "Limits on ingest"); defaults in api/server.ts.
+  maxEventsPerRequest: z.number().int().min(1).optional(),
+  maxQueuedEvents: z.number().int().min(1).optional(),
+  maxSockets: z.number().int().min(1).optional(),
+  maxSubscriptionsPerSocket: z.number().int().min(1).optional(),
+  maxFrameBytes: z.number().int().min(1024).optional(),
+  // Readiness bounds (/readyz, docs/API.md "Health"); defaults in api/server.ts and below.
+  /** A sink failing longer than this (ms, default 60,000) makes /readyz 503. */
+  maxSinkFailingMs: z.number().int().min(0).optional(),
+  /** /readyz stays 503 this long (ms, default 300,000) after a trigger-log gap. */
+  triggerGapHoldMs: z.number().int().min(0).optional(),
+  /** Consumer lag (messages, summed over the assigned partitions) above which /readyz is 503; default 100,000; null = no bound. */
+  maxKafkaLag: z.number().int().min(0).nullable().default(DEFAULT_MAX_KAFKA_LAG),
+  // Trigger delivery: triggerRetention, maxBufferedBytes, maxGroups, newGroupStart (api/trigger-hub.ts, docs/API.md).
+  ...TriggerHubConfigSchema.shape,
 }).strict();
 
 export interface RunFile {
@@ -41,7 +59,7 @@ export interface RunFile {
 }
 
 /** Top-level keys the engine configuration knows (engine/config.ts). A typo is an error, not a silent default. */
-const ENGINE_KEYS = new Set(['dataDir', 'state', 'time', 'dedupe', 'validation', 'checkpoint', 'deadLetter', 'kpi', 'segments', 'campaigns', 'batchRows']);
+const ENGINE_KEYS = new Set(['dataDir', 'state', 'time', 'dedupe', 'validation', 'checkpoint', 'outbox', 'jsonl', 'deadLetter', 'kpi', 'segments', 'campaigns', 'batchRows']);
 
 /** Splits and validates a run configuration document. */
 export function parseRunConfig(doc: unknown, source: string): RunFile {
@@ -110,7 +128,10 @@ export async function drive(gate: EngineGate, source: AsyncIterable<SourceItem>)
   await gate.run((e) => e.checkpoint());
 }
 
-/** Kafka source and sink figures on /metrics. */
+/**
+ * Kafka source and sink figures on /metrics: the clients' running totals as counters (read at
+ * each scrape, `counterOf`), levels (lag, buffered, unowned partitions) as gauges.
+ */
 export function kafkaMetrics(source: KafkaSource, sink: KafkaSink | null): (r: client.Registry) => void {
   return (r) => {
     new client.Gauge({
@@ -120,27 +141,50 @@ export function kafkaMetrics(source: KafkaSource, sink: KafkaSink | null): (r: c
         for (const [p, lag] of Object.entries(source.stats().lag)) this.set({ partition: p }, lag);
       },
     });
-    const s = (name: string, help: string, get: () => number): void => {
+    const gauge = (name: string, help: string, get: () => number): void => {
       new client.Gauge({ name, help, registers: [r], collect() { this.set(get()); } });
     };
-    s('crm_kafka_messages_total', 'Messages consumed from the events topic', () => source.stats().messages);
-    s('crm_kafka_buffered', 'Messages fetched and waiting for the engine', () => source.stats().buffered);
-    s('crm_kafka_pauses_total', 'Times fetching was paused for backpressure', () => source.stats().pauses);
-    s('crm_kafka_rebalances_total', 'Consumer-group rebalances', () => source.stats().rebalances);
-    s('crm_kafka_partitions_unowned', 'Partitions of the events topic held by another group member (must be 0: one instance per group)', () => source.stats().unowned);
-    s('crm_kafka_commits_total', 'Offset commits acknowledged by the group coordinator', () => source.stats().commits);
+    counterOf(r, 'crm_kafka_messages_total', 'Messages consumed from the events topic', () => source.stats().messages);
+    gauge('crm_kafka_buffered', 'Messages fetched and waiting for the engine', () => source.stats().buffered);
+    counterOf(r, 'crm_kafka_pauses_total', 'Partition pauses: a partition holding its share of kafka.maxBuffered, or kafka.maxSkewMs ahead of the others', () => source.stats().pauses);
+    gauge('crm_kafka_partitions_paused', 'Assigned partitions of the events topic paused now (backpressure or skew)', () => source.stats().paused);
+    gauge('crm_kafka_partitions_idle', 'Assigned partitions idle now (read to their end, or silent for kafka.partitionIdleMs): not holding the watermark back', () => source.stats().idle);
     new client.Gauge({
+      name: 'crm_kafka_stream_time_seconds', help: 'Largest event time accepted per partition (the watermark is the minimum over the active ones, minus time.outOfOrdernessMs)', labelNames: ['partition'], registers: [r],
+      collect() {
+        this.reset();
+        for (const [p, t] of Object.entries(source.stats().streamTimes)) this.set({ partition: p }, t / 1000);
+      },
+    });
+    counterOf(r, 'crm_kafka_rebalances_total', 'Consumer-group rebalances', () => source.stats().rebalances);
+    gauge('crm_kafka_partitions_unowned', 'Partitions of the events topic held by another group member (must be 0: one instance per group)', () => source.stats().unowned);
+    counterOf(r, 'crm_kafka_commits_total', 'Offset commits acknowledged by the group coordinator', () => source.stats().commits);
+    new client.Counter({
       name: 'crm_kafka_errors_total', help: 'Errors librdkafka reported (it retries them), by client', labelNames: ['client'], registers: [r],
       collect() {
         const st = source.stats();
-        this.set({ client: 'consumer' }, st.errors + st.commitErrors);
-        if (sink !== null) this.set({ client: 'producer' }, sink.stats().errors + sink.stats().retried);
+        this.reset();
+        this.inc({ client: 'consumer' }, st.errors + st.commitErrors);
+        if (sink !== null) this.inc({ client: 'producer' }, sink.stats().errors + sink.stats().retried);
       },
     });
     if (sink !== null) {
-      s('crm_kafka_produced_total', 'Output records produced to Kafka', () => sink.stats().produced);
-      s('crm_kafka_delivered_total', 'Output records acknowledged by Kafka', () => sink.stats().delivered);
+      counterOf(r, 'crm_kafka_produced_total', 'Output records produced to Kafka', () => sink.stats().produced);
+      counterOf(r, 'crm_kafka_delivered_total', 'Output records acknowledged by Kafka', () => sink.stats().delivered);
     }
+  };
+}
+
+/**
+ * The Kafka source's /readyz check: not ready while the consumer lag, summed over the assigned
+ * partitions, is above `maxLag` (null: no bound) — the state is that far behind the topic.
+ */
+export function kafkaReadiness(source: KafkaSource, maxLag: number | null): () => ReadinessFailure[] {
+  return () => {
+    if (maxLag === null) return [];
+    let lag = 0;
+    for (const l of Object.values(source.stats().lag)) lag += l;
+    return lag > maxLag ? [{ check: 'kafka_lag', message: `consumer lag ${lag} messages > server.maxKafkaLag ${maxLag}: the state is behind the events topic` }] : [];
   };
 }
 
@@ -178,7 +222,10 @@ export async function runKafka(o: RunOptions): Promise<void> {
   }
   const started = performance.now();
   const sinks: OutboxSink[] = [];
-  const hub = file.server !== null ? new TriggerHub() : null;
+  const hub = file.server !== null ? new TriggerHub({
+    triggerRetention: file.server.triggerRetention, maxBufferedBytes: file.server.maxBufferedBytes,
+    maxGroups: file.server.maxGroups, newGroupStart: file.server.newGroupStart,
+  }) : null;
   if (hub !== null) sinks.push(hub);
   const sink = KafkaSink.wanted(file.kafka) ? await KafkaSink.connect(file.kafka, onError) : null;
   if (sink !== null) sinks.push(sink);
@@ -192,18 +239,26 @@ export async function runKafka(o: RunOptions): Promise<void> {
   process.once('SIGINT', stop);
   process.once('SIGTERM', stop);
   try {
+    // Per-partition watermarks: the engine's watermark is the minimum over the partitions (docs/KAFKA.md
+    // "Event time across partitions"), so a partition read behind the others loses nothing.
     source = await KafkaSource.connect(file.kafka, {
       position: engine.position, batchRows: engine.config.batchRows, timeZone: engine.config.time.timeZone,
-      exitAtEnd: o.exitAtEnd === true, onError,
+      inputs: engine.inputWatermarks(), exitAtEnd: o.exitAtEnd === true, onError,
     });
     const src = source;
     engine.onCheckpoint((p) => src.commit(p));
     if (file.server !== null) {
-      server = await CrmServer.start(gate, hub!, { ...file.server, metrics: kafkaMetrics(src, sink) });
+      const { maxKafkaLag, ...serverOpts } = file.server;
+      server = await CrmServer.start(gate, hub!, { ...serverOpts, metrics: kafkaMetrics(src, sink), readiness: kafkaReadiness(src, maxKafkaLag) });
       log(`serving on http://${file.server.host}:${server.port}`);
     }
     log(`consuming ${file.kafka.topics.events} from ${file.kafka.brokers} as group ${file.kafka.groupId}`);
+    // Fail closed: an engine that failed (through any path — a batch, an HTTP request, the idle
+    // checkpoint) stops the source, and the run exits non-zero with the cause.
+    void engine.failed.then(() => void src.close());
     await drive(gate, src);
+    const failed = engine.health().failed;
+    if (failed !== null) throw new CrmError('ENGINE_FAILED', `the engine failed closed (${failed.code}: ${failed.message}); restart to resume from the last checkpoint`);
     const stats = engine.stats();
     const rejects = Object.fromEntries(Object.entries(engine.rejectCounts()).filter(([, n]) => n > 0));
     const secs = (performance.now() - started) / 1000;
@@ -214,10 +269,10 @@ export async function runKafka(o: RunOptions): Promise<void> {
   } finally {
     process.off('SIGINT', stop);
     process.off('SIGTERM', stop);
-    await server?.close();
     // The engine's last checkpoint commits its offsets while the consumer is still in the group.
-    await engine.close();
-    await source?.close();
+    // Every step runs even when one fails (issue 17 item 9: a close whose last checkpoint fails must
+    // still leave the group and release the LevelDB lock); their errors are combined, none lost.
+    await cleanupAll([() => server?.close(), () => engine.close(), () => source?.close()]);
   }
 }
 

@@ -180,7 +180,7 @@ async function readToEnd(engine: Engine, bootstrap: string, topic: string, group
   const cfg = resolveKafkaConfig({ brokers: bootstrap, groupId, clientId: 'crmstream-bench', topics: { events: topic } });
   const t0 = process.hrtime.bigint();
   const source = await KafkaSource.connect(cfg, {
-    position: engine.position, batchRows: engine.config.batchRows, timeZone: engine.config.time.timeZone, exitAtEnd: true,
+    position: engine.position, inputs: engine.inputWatermarks(), batchRows: engine.config.batchRows, timeZone: engine.config.time.timeZone, exitAtEnd: true,
   });
   let firstAt = 0n;
   let stalled = false;

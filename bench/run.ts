@@ -20,6 +20,7 @@ import { restartScenario } from './restart.bench.js';
 import { segmentsCoreScenario, segmentTimersScenario } from './segments.bench.js';
 import { campaigns5Scenario, campaignsCoreScenario } from './campaigns.bench.js';
 import { kpiFanoutDefaultScenario, serverTriggerScenario } from './server.bench.js';
+import { httpIngestDurableScenario, httpIngestProcessedScenario } from './http-ingest.bench.js';
 import { kpiOffScenario, kpiTableDuckScenario, kpiTableEngineScenario, lateEventsScenario } from './kpi.bench.js';
 import { markdownTable, runScenarios, writeResults, type BenchResult, type Scenario } from './harness.js';
 
@@ -37,6 +38,8 @@ export const SCENARIOS: readonly Scenario[] = [
   campaigns5Scenario as Scenario,
   campaignsCoreScenario as Scenario,
   serverTriggerScenario as Scenario,
+  httpIngestProcessedScenario as Scenario,
+  httpIngestDurableScenario as Scenario,
   kpiFanoutDefaultScenario as Scenario,
   restartScenario as Scenario,
   kafkaE2EScenario as Scenario,

@@ -1,4 +1,3 @@
-import { createReadStream } from 'node:fs';
 import path from 'node:path';
 import {
   Bool, Dictionary, Field, Float64, Int32, Int64, List, Map_, RecordBatch, Schema, Struct, Table, TimestampMillisecond, Utf8,
@@ -6,6 +5,7 @@ import {
 } from 'apache-arrow';
 import type { EngineConfig } from './config.js';
 import { CrmError } from './errors.js';
+import { readJsonl } from './sinks/jsonl-file.js';
 import type { Engine } from './engine.js';
 import { COHORT_FIELDS, KPI_FIELDS, type CohortGrain, type CohortKind, type CohortRow, type FunnelRow, type KpiGrain, type KpiRow } from '../operators/kpi-rows.js';
 import type { ProfileView } from '../operators/profile.js';
@@ -195,25 +195,14 @@ export function triggersFile(config: Pick<EngineConfig, 'dataDir'> & { campaigns
 }
 
 /**
- * The triggers of a triggers file, one object a line, read in 64 KiB chunks. A last line without
- * its newline is a write a crash cut short (the sink cuts it off when it reopens): skipped. A file
- * that does not exist yet holds no triggers. The file is at-least-once: after a crash a trigger may
- * appear twice, with the same `trigger_id` and decision.
+ * The triggers of a triggers file and of its rotated files (`<file>.<seq>`, engine/sinks/jsonl-file.ts),
+ * oldest first, one object a line, read in 64 KiB chunks. A last line without its newline is a write a
+ * crash cut short (the sink cuts it off when it reopens): skipped. A file that does not exist yet
+ * holds no triggers. Each outbox seq is read once (the sink also writes it once); de-duplicate on
+ * `trigger_id` where a trigger may have been decided twice.
  */
 export async function* readTriggers(file: string): AsyncGenerator<Record<string, unknown>> {
-  let rest = '';
-  try {
-    for await (const chunk of createReadStream(file, { encoding: 'utf8', highWaterMark: 1 << 16 })) {
-      const text = rest + (chunk as string);
-      const lines = text.split('\n');
-      rest = lines.pop()!;
-      for (const line of lines) if (line !== '') yield JSON.parse(line) as Record<string, unknown>;
-    }
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
-    if (err instanceof SyntaxError) throw new CrmError('SOURCE_DECODE', `${file}: a line is not JSON`, { cause: err });
-    throw new CrmError('SOURCE_IO', `cannot read ${file}`, { cause: err });
-  }
+  yield* readJsonl(file);
 }
 
 /**

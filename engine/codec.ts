@@ -733,6 +733,13 @@ export function appendObjectEvent(
   const variant = stringField(o['variant'], 'variant');
   const triggerId = stringField(o['trigger_id'], 'trigger_id');
   const props = propsField(o['props']);
+  // Objects (HTTP JSON/protobuf batches, the library) come without an encoded size: the fields'
+  // lengths stand in for it, so validation.maxEventBytes applies on every path.
+  if (size === 0) {
+    size = 64 + eventId.length + type.length + userId.length + anonymousId.length + currency.length + orderId.length +
+      channel.length + platform.length + campaignId.length + variant.length + triggerId.length;
+    if (props !== null) for (const k in props) size += k.length + props[k]!.length + 4;
+  }
   const i = batch.push(eventId, type, userId, anonymousId, ts, amount, currency, orderId, channel, platform,
     campaignId, variant, triggerId, props, size, raw, origin);
   if (fieldError.code !== 0) batch.reject(i, fieldError.code, fieldError.detail);

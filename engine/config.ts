@@ -30,6 +30,14 @@ export const ConfigSchema = z.object({
     /** Timestamps outside [minTs, maxTs) (ms) are `bad_timestamp` (defaults 1990-01-01, 2100-01-01): catches seconds-for-ms and garbage. */
     minTs: z.number().default(Date.UTC(1990, 0, 1)),
     maxTs: z.number().default(Date.UTC(2100, 0, 1)),
+    /**
+     * Events dated more than this (ms, default 10 minutes) after the processing clock are rejected
+     * `future_timestamp`: one far-future event would otherwise move the watermark there, make every
+     * real event `too_late` and fire every timer at once. Device clocks run ahead by seconds to
+     * minutes; raise it for sources that legitimately carry scheduled times. null = no bound
+     * (backfills of synthetic data dated after today).
+     */
+    maxFutureMs: z.number().int().min(0).nullable().default(600_000),
   }).prefault({}),
   dedupe: z.object({
     /** Event ids are remembered this long in event time (ms, default 7 days); must be ≥ allowed lateness. */
@@ -40,6 +48,13 @@ export const ConfigSchema = z.object({
     maxEventBytes: z.number().int().min(256).default(64 * 1024),
     /** More props than this (default 64) is `too_large`. */
     maxProps: z.number().int().min(0).default(64),
+    /** Ids longer than this (UTF-16 units, default 256) are `bad_field`: event_id, user_id, anonymous_id, order_id, trigger_id. */
+    maxIdLength: z.number().int().min(16).default(256),
+    /**
+     * Names longer than this (default 64) are `bad_field`: type, channel, platform, campaign_id,
+     * variant. Names become KPI dimensions and event-type codes kept in every checkpoint.
+     */
+    maxNameLength: z.number().int().min(8).default(64),
     /** The one reporting currency (ISO 4217, default KRW). Events without a currency are in it. */
     currency: z.string().regex(/^[A-Z]{3}$/, 'an ISO 4217 code such as KRW').default('KRW'),
     /** Other currencies accepted, as units of the reporting currency per unit (default none: rejected `unknown_currency`). */
@@ -56,6 +71,35 @@ export const ConfigSchema = z.object({
      * intervalMs says (default 50; 0 = at the end of that batch, for the lowest delivery latency).
      */
     triggerLatencyMs: z.number().int().min(0).default(50),
+    /**
+     * A failed checkpoint write changes nothing and is retried this many times (default 5), after
+     * `retryBackoffMs` (default 100 ms) doubling each time (≈ 3 s in all). When every retry failed
+     * the engine fails closed: ENGINE_FAILED, unhealthy, `run`/`demo` exit non-zero; a restart
+     * resumes from the last checkpoint.
+     */
+    retries: z.number().int().min(0).max(20).default(5),
+    retryBackoffMs: z.number().int().min(0).max(60_000).default(100),
+  }).prefault({}),
+  outbox: z.object({
+    /** A failed sink is retried after about this long (ms, default 100), doubling per failure… */
+    retryBaseMs: z.number().int().min(1).default(100),
+    /** …up to this (ms, default 30,000), jittered to 50–100 %. A failing sink is never skipped. */
+    retryMaxMs: z.number().int().min(1).default(30_000),
+    /** Committed records kept in memory for sinks that are behind (default 65,536 records / 64 MiB); older ones are re-read from the store. */
+    maxBufferedRecords: z.number().int().min(1).default(65_536),
+    maxBufferedBytes: z.number().int().min(1).default(64 << 20),
+    /** Records per deliver() call and per store read (default 4,096). */
+    pageRecords: z.number().int().min(1).default(4096),
+    /** After a checkpoint, wait this long (ms, default 10,000) for the sinks that are not failing; then delivery goes on in the background. */
+    drainWaitMs: z.number().int().min(0).default(10_000),
+    /** close() gives sinks this long (ms, default 10,000) to catch up, then fails with SINK_STALLED. */
+    closeFlushMs: z.number().int().min(0).default(10_000),
+  }).prefault({}),
+  jsonl: z.object({
+    /** The JSONL files (dead letters, segment changes, triggers) rotate at this size (bytes, default 256 MiB)… */
+    maxFileBytes: z.number().int().min(1).default(256 << 20),
+    /** …keeping this many files, the current one included (default 8); the oldest is deleted. */
+    maxFiles: z.number().int().min(2).default(8),
   }).prefault({}),
   deadLetter: z.object({
     /** Dead-letter file (jsonl). Default `<dataDir>/deadletter.jsonl`; null with no dataDir keeps them in the outbox only. */

@@ -6,13 +6,15 @@ import type { ExportOptions, ExportWhat } from './arrow-export.js';
 import { EventColumns } from './batch.js';
 import { resolveConfig, type ConfigInput, type EngineConfig } from './config.js';
 import { DedupeIndex } from './dedupe.js';
-import { CrmError, cleanupAll } from './errors.js';
+import { Quarantine } from './quarantine.js';
+import { CrmError, cleanupAll, isCode } from './errors.js';
 import { EventType, REJECT_NAMES, ROUTED, Reject, TypeRegistry, rejectName, type RejectName } from './event-types.js';
-import { Outbox, Topic, type OutboxRecord, type OutboxSink } from './outbox.js';
+import { Outbox, Topic, type OutboxRecord, type OutboxSink, type SinkStatus } from './outbox.js';
 import { ProfileTable, USER_PREFIX } from './profiles.js';
 import { JsonlFileSink } from './sinks/jsonl-file.js';
 import { TimerService, type DueTimer } from './timers.js';
 import { validateStatic } from './validate.js';
+import { InputWatermarks } from './watermarks.js';
 import { appendObjectEvent } from './codec.js';
 import { ALIAS_PREFIX, IdentityResolver } from '../operators/identity.js';
 import { FilterNs, KeyFilter } from './key-filter.js';
@@ -38,7 +40,9 @@ import type { KvStore, WriteOp } from '../state/store.js';
  * replay from a checkpoint, cut differently, reaches the same state bit for bit.
  *
  * The watermark is `max event time − outOfOrdernessMs`, advanced in whole ticks of `tickMs`
- * (default 1 s) so runs stay long on dense streams.
+ * (default 1 s) so runs stay long on dense streams. With per-input watermarks
+ * (`inputWatermarks()`, a Kafka source's partitions) it is the minimum over the inputs
+ * (engine/watermarks.ts), so a partition read behind the others never has its events `too_late`.
  *
  * Checkpoints are taken at batch boundaries: dirty profiles, aliases, timer changes, de-duplication
  * ids, outbox records, operator snapshots and the source position go into ONE atomic write.
@@ -90,6 +94,19 @@ export interface BatchResult {
   forwarded?: number;
 }
 
+/** What `engine.health()` reports (the server's /readyz and metrics read it). */
+export interface EngineHealth {
+  /** Set once the engine has failed closed (a batch failed half-way, or checkpoints kept failing). */
+  readonly failed: { readonly code: string; readonly message: string } | null;
+  readonly checkpointFailuresTotal: number;
+  /** Failed checkpoint attempts since the last one that succeeded. */
+  readonly consecutiveCheckpointFailures: number;
+  readonly lastCheckpointError: string | null;
+  /** Wall clock (ms) of the last durable checkpoint; 0 = none in this process. */
+  readonly lastCheckpointAt: number;
+  readonly sinks: readonly SinkStatus[];
+}
+
 interface Meta {
   version: number;
   epoch: number;
@@ -133,7 +150,11 @@ export class Engine {
   private readonly timers = new TimerService();
   private readonly keyFilter = new KeyFilter();
   private readonly dedupe: DedupeIndex;
-  private readonly outbox = new Outbox();
+  private readonly outbox: Outbox;
+  private readonly quarantine = new Quarantine();
+  /** The run of rows an operator failed on (set with the failure; written down as suspects or poison). */
+  private failedRun: { start: number; end: number; alone: boolean } | null = null;
+  private failedTimer: string | null = null;
   private readonly ctx: { watermark: number; timers: TimerService; timeZone: string; emit(topic: number, payload: Uint8Array): void };
   private readonly tickMs: number;
   private recs: (UserRecord | null)[] = [];
@@ -149,6 +170,18 @@ export class Engine {
   /** Duration of the last checkpoint and the sum of all (ms; metrics). */
   private checkpointMsLast = 0;
   private checkpointMsTotal = 0;
+  private lastCheckpointWall = 0;
+  private checkpointFailures = 0;
+  private checkpointFailStreak = 0;
+  private lastCheckpointError: unknown = null;
+  /** Something was processed that no checkpoint holds yet. */
+  private uncommitted = false;
+  /** The idle checkpoint's timer, and its run while it writes (calls wait for it). */
+  private idleTimer: NodeJS.Timeout | null = null;
+  private idleRun: Promise<void> | null = null;
+  private onFailed: ((err: unknown) => void) | null = null;
+  /** Per-input watermarks, once switched on by inputWatermarks() (null: every accepted event moves the watermark). */
+  private inputWms: InputWatermarks | null = null;
   private readonly checkpointListeners: ((position: unknown, epoch: number) => void)[] = [];
   private busy = false;
   private closed = false;
@@ -202,6 +235,7 @@ export class Engine {
     this.profiles = new ProfileTable(slots, config.state.cacheUsers, this.keyFilter);
     this.identity = new IdentityResolver(config.state.cacheUsers, this.keyFilter);
     this.dedupe = new DedupeIndex(config.dedupe.horizonMs);
+    this.outbox = new Outbox(config.outbox);
     const outbox = this.outbox;
     this.ctx = {
       watermark: this.wm,
@@ -211,12 +245,13 @@ export class Engine {
         outbox.append(topic, payload);
       },
     };
+    const rotation = { maxBytes: config.jsonl.maxFileBytes, maxFiles: config.jsonl.maxFiles };
     const dlPath = config.deadLetter.path ?? (config.dataDir === null ? null : path.join(config.dataDir, 'deadletter.jsonl'));
-    if (dlPath !== null) this.outbox.addSink(new JsonlFileSink('deadletter', [Topic.deadLetter], dlPath, formatDeadLetter));
+    if (dlPath !== null) this.outbox.addSink(new JsonlFileSink('deadletter', [Topic.deadLetter], dlPath, formatDeadLetter, rotation));
     const segPath = config.segments.changesPath ?? (config.dataDir === null ? null : path.join(config.dataDir, 'segment-changes.jsonl'));
-    if (segPath !== null && this.segments !== null) this.outbox.addSink(new JsonlFileSink('segment-changes', [Topic.segmentChange], segPath, formatSegmentChange));
+    if (segPath !== null && this.segments !== null) this.outbox.addSink(new JsonlFileSink('segment-changes', [Topic.segmentChange], segPath, formatSegmentChange, rotation));
     const trigPath = config.campaigns.triggersPath ?? (config.dataDir === null ? null : path.join(config.dataDir, 'triggers.jsonl'));
-    if (trigPath !== null && this.campaigns !== null) this.outbox.addSink(new JsonlFileSink('triggers', [Topic.trigger], trigPath, formatTrigger));
+    if (trigPath !== null && this.campaigns !== null) this.outbox.addSink(new JsonlFileSink('triggers', [Topic.trigger], trigPath, formatTrigger, rotation));
     for (const s of opts.sinks ?? []) this.outbox.addSink(s);
   }
 
@@ -280,6 +315,7 @@ export class Engine {
     await this.dedupe.open(this.store, meta?.dedupeOldestDay ?? 0);
     await this.timers.open(this.store, Number.isFinite(this.wm) ? this.wm : -1);
     await this.outbox.open(this.store, meta?.nextSeq ?? 1);
+    await this.quarantine.open(this.store);
     for (const op of this.operators) await op.open(this.store, this.ctx);
     // Records committed before a crash but not yet handed to sinks go out now.
     await this.outbox.drain();
@@ -352,7 +388,7 @@ export class Engine {
    * const r = await engine.ingest([{ event_id: 'e1', type: 'sign_up', user_id: 'u1', anonymous_id: 'a1', ts: Date.now() }]);
    * // r.accepted === 1, r.reasons[0] === ''
    */
-  async ingest(events: readonly unknown[], position: unknown = this.positionValue): Promise<BatchResult & { reasons: string[] }> {
+  async ingest(events: readonly unknown[], position: unknown = this.positionValue, opts: { durable?: boolean } = {}): Promise<BatchResult & { reasons: string[] }> {
     const rows = this.config.batchRows;
     const b = this.scratchBatch ?? (this.scratchBatch = new EventColumns(rows));
     const reasons: string[] = [];
@@ -369,6 +405,7 @@ export class Engine {
       rejected += r.rejected;
       for (let i = 0; i < b.length; i++) reasons.push(b.status[i] === Reject.ok ? '' : rejectName(b.status[i]!));
     }
+    if (opts.durable === true) await this.sync();
     return { accepted, rejected, reasons };
   }
 
@@ -377,7 +414,9 @@ export class Engine {
    * the checkpoint that follows. Checkpoints are taken here when due (interval or dirty profiles).
    */
   async ingestColumns(b: EventColumns, position: unknown = this.positionValue): Promise<BatchResult> {
+    if (this.idleRun !== null) await this.waitIdle();
     this.enter();
+    this.uncommitted = true;
     try {
       validateStatic(b, this.config, this.types);
       // The timers this batch can fire must be in memory before the synchronous row loop.
@@ -390,7 +429,8 @@ export class Engine {
         this.positionValue = position;
         this.deadLetterRejected(b);
       } catch (err) {
-        this.failure = err;
+        this.fail(err);
+        await this.writeDownFailure(b);
         throw err;
       }
       await this.activateReadySegments();
@@ -398,6 +438,7 @@ export class Engine {
       return result;
     } finally {
       this.busy = false;
+      this.armIdleCheckpoint();
     }
   }
 
@@ -437,12 +478,22 @@ export class Engine {
     const router = this.router;
     const lateness = this.config.time.allowedLatenessMs;
     const ooo = this.config.time.outOfOrdernessMs;
+    // Per-input watermarks (inputWatermarks()): the batch's input, −1 for rows from no input.
+    const inputs = this.inputWms;
+    const input = inputs === null ? -1 : inputs.begin(b);
     let accepted = 0;
     let forwarded = 0;
     let runStart = 0;
+    // Non-null only after an operator failure was written down (rare): the ids are checked then.
+    const q = this.quarantine.active ? this.quarantine : null;
     for (let i = 0; i < b.length; i++) {
       recs[i] = null;
       if (status[i] !== Reject.ok) continue;
+      if (q !== null && q.isPoison(eventId[i]!)) {
+        b.reject(i, Reject.poison, 'an operator failed on this record before; quarantined (docs/GUARANTEES.md "Poison records")');
+        q.quarantined++;
+        continue;
+      }
       const t = ts[i]!;
       if (t < this.wm - lateness) {
         b.reject(i, Reject.too_late, `event time ${t} is more than ${lateness} ms behind the watermark ${this.wm}`);
@@ -454,7 +505,9 @@ export class Engine {
       }
       accepted++;
       if (t > this.maxTs) this.maxTs = t;
-      const w = this.tickFloor(t - ooo);
+      // With inputs: the minimum over them (engine/watermarks.ts), never past the timers loaded
+      // for this batch (an input declared idle between batches is caught up by advanceTo).
+      const w = inputs === null ? this.tickFloor(t - ooo) : Math.min(inputs.observe(input, t), this.timers.loadedHorizon);
       if (w > this.wm) {
         this.flushRun(b, runStart, i);
         runStart = i;
@@ -499,8 +552,16 @@ export class Engine {
       }
       b.canon[i] = canon;
       recs[i] = this.profiles.load(canon);
+      if (q !== null && q.isSuspect(eventId[i]!)) {
+        // A row of a run an operator failed on: alone through the operators, to tell whether it is the poison.
+        this.flushRun(b, runStart, i);
+        this.flushRun(b, i, i + 1, true);
+        q.clear(eventId[i]!);
+        runStart = i + 1;
+      }
     }
     this.flushRun(b, runStart, b.length);
+    inputs?.end(b);
     this.acceptedTotal += accepted;
     this.routing.forwarded += forwarded;
     return { accepted, rejected: b.length - accepted - forwarded, ...(router === null ? {} : { forwarded }) };
@@ -527,14 +588,37 @@ export class Engine {
     this.outbox.append(Topic.route, crmstream.v1.Routed.encode({ event, canonical: canon, origin: b.originOf(i), ...(moved === null ? {} : { moved }) }).finish());
   }
 
-  private flushRun(b: EventColumns, start: number, end: number): void {
+  private flushRun(b: EventColumns, start: number, end: number, alone = false): void {
     if (end <= start) return;
     for (const op of this.operators) {
       try {
         op.processBatch(b, this.recs, start, end, this.ctx);
       } catch (err) {
+        this.failedRun = { start, end, alone };
         throw new CrmError('OPERATOR_FAILED', `operator ${op.name} failed on rows ${start}..${end}`, { cause: err });
       }
+    }
+  }
+
+  /**
+   * An operator failed: the rows of its run become suspects, or the row is poison when it ran
+   * alone, or the timer is (engine/quarantine.ts), so a restart does not fail on them forever.
+   */
+  private async writeDownFailure(b: EventColumns | null): Promise<void> {
+    const run = this.failedRun;
+    const timer = this.failedTimer;
+    this.failedRun = null;
+    this.failedTimer = null;
+    try {
+      if (timer !== null) await this.quarantine.record(this.store, { timer });
+      else if (run !== null && b !== null) {
+        const ids: string[] = [];
+        for (let i = run.start; i < run.end; i++) if (b.status[i] === Reject.ok) ids.push(b.eventId[i]!);
+        if (run.alone && ids.length === 1) await this.quarantine.record(this.store, { poison: ids[0]! });
+        else await this.quarantine.record(this.store, { suspects: ids });
+      }
+    } catch {
+      // The store is failing too: the failure stands as it is (a restart meets the record again).
     }
   }
 
@@ -581,10 +665,19 @@ export class Engine {
       this.routing.strayTimers++;
       return;
     }
+    if (this.quarantine.hasPoisonTimers && this.quarantine.isPoisonTimer(`${t.kind}|${t.user}|${t.ts}`)) {
+      this.quarantine.quarantined++;
+      this.rejects[Reject.poison]!++;
+      this.outbox.append(Topic.deadLetter, crmstream.v1.DeadLetter.encode({
+        reason: 'poison', detail: `timer ${t.kind}@${t.ts} for ${t.user}: an operator failed on it before; skipped`, source: 'timer', payload: new Uint8Array(0), ts: t.ts,
+      }).finish());
+      return;
+    }
     const rec = this.profiles.load(canon);
     try {
       op.onTimer(rec, t.kind, t.ts, this.ctx);
     } catch (err) {
+      this.failedTimer = `${t.kind}|${t.user}|${t.ts}`;
       throw new CrmError('OPERATOR_FAILED', `operator ${op.name} failed on timer ${t.kind}@${t.ts} for ${t.user}`, { cause: err });
     }
   }
@@ -606,10 +699,13 @@ export class Engine {
    * timer up to it.
    */
   async advanceTo(ts: number, position: unknown = this.positionValue): Promise<void> {
+    if (this.idleRun !== null) await this.waitIdle();
     this.enter();
     try {
+      if (position !== this.positionValue) this.uncommitted = true;
       this.positionValue = position;
       if (ts <= this.wm) return;
+      this.uncommitted = true;
       await this.timers.preload(ts);
       // A long jump (end of input, --as-of, an idle source) can make a timer of every user due. Fire
       // them in steps that stop at a timer-time boundary once the dirty profiles reach their bound,
@@ -625,7 +721,8 @@ export class Engine {
           stepTo = this.fireUntilBound(ts);
           this.setWatermark(stepTo);
         } catch (err) {
-          this.failure = err;
+          this.fail(err);
+          await this.writeDownFailure(null);
           throw err;
         }
         if (stepTo >= ts) break;
@@ -635,16 +732,41 @@ export class Engine {
       if (this.checkpointDue()) await this.checkpointNow();
     } finally {
       this.busy = false;
+      this.armIdleCheckpoint();
     }
   }
 
   /**
    * Scale-out: the largest event time another input partition has seen moves this engine's
-   * watermark as one of its own events would (`max event time − outOfOrdernessMs`, in ticks), so
-   * every partition keeps the watermark one engine reading all of them would have.
+   * watermark as one of its own events would (`max event time − outOfOrdernessMs`, in ticks). With
+   * per-input watermarks (inputWatermarks(); scale-out tasks) it is that input's stream time, and
+   * the watermark is the minimum over the inputs, as one engine reading all of them would keep it.
    */
   async observeEventTime(maxTs: number, position: unknown = this.positionValue): Promise<void> {
-    await this.advanceTo(this.tickFloor(maxTs - this.config.time.outOfOrdernessMs), position);
+    const inputs = this.inputWms;
+    if (inputs === null) {
+      await this.advanceTo(this.tickFloor(maxTs - this.config.time.outOfOrdernessMs), position);
+      return;
+    }
+    // Per-input: maxTs is the stream time of the input `position` was bound to (InputWatermarks.bind);
+    // the watermark is the minimum over the inputs, and the times go into that position.
+    inputs.observe(inputs.begin(position), maxTs);
+    inputs.end(position);
+    await this.advanceTo(inputs.watermark(), position);
+  }
+
+  /**
+   * Switches this engine to per-input watermarks and returns the tracker its source feeds
+   * (engine/watermarks.ts): the watermark becomes the minimum over the source's inputs (Kafka
+   * partitions) of their largest event time − outOfOrdernessMs, idle inputs excepted. Call before
+   * the first batch; the source assigns its inputs, binds each batch to one, and restores the
+   * times from `engine.position`.
+   *
+   * @example
+   * const source = await KafkaSource.connect(kafka, { position: engine.position, inputs: engine.inputWatermarks(), batchRows: 4096, timeZone: 'UTC' });
+   */
+  inputWatermarks(): InputWatermarks {
+    return (this.inputWms ??= new InputWatermarks({ outOfOrdernessMs: this.config.time.outOfOrdernessMs, tickMs: this.tickMs }));
   }
 
   private deadLetterRejected(b: EventColumns): void {
@@ -678,6 +800,7 @@ export class Engine {
 
   /** Takes a checkpoint now: one atomic write of everything changed since the last one. */
   async checkpoint(): Promise<void> {
+    if (this.idleRun !== null) await this.waitIdle();
     this.enter();
     try {
       await this.checkpointNow();
@@ -686,14 +809,44 @@ export class Engine {
     }
   }
 
+  /**
+   * One checkpoint with retries: a failed write changed nothing (prepare → commit / abort), so it
+   * is simply tried again after a backoff, with whatever it held. When every retry failed the
+   * engine fails closed: nothing more is processed or acknowledged, health says so, and a restart
+   * resumes from the last durable checkpoint.
+   */
   private async checkpointNow(): Promise<void> {
+    const { retries, retryBackoffMs } = this.config.checkpoint;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        await this.checkpointOnce();
+        this.checkpointFailStreak = 0;
+        return;
+      } catch (err) {
+        if (!isCode(err, 'CHECKPOINT_FAILED')) throw err;
+        this.checkpointFailures++;
+        this.checkpointFailStreak++;
+        this.lastCheckpointError = err;
+        if (attempt >= retries) {
+          this.fail(err);
+          throw err;
+        }
+        await sleep(retryBackoffMs * 2 ** attempt);
+      }
+    }
+  }
+
+  /** Prepare (every part describes its changes in `ops`, memory untouched) → write → commit, or abort. */
+  private async checkpointOnce(): Promise<void> {
     const started = performance.now();
     const epoch = this.epoch + 1;
     const ops: WriteOp[] = [];
+    const mark = this.outbox.mark();
     this.profiles.snapshot(ops);
     this.identity.snapshot(ops);
     this.timers.snapshot(ops);
     this.dedupe.snapshot(ops, epoch);
+    this.quarantine.snapshot(ops);
     // Operators first: what they emit while snapshotting belongs to this checkpoint's outbox.
     for (const op of this.operators) op.snapshot(ops, this.ctx);
     this.outbox.snapshot(ops);
@@ -710,6 +863,9 @@ export class Engine {
     try {
       await this.store.write(ops);
     } catch (err) {
+      // Abort: the records the operators emitted while preparing go back; everything else was
+      // only described in `ops`, so memory is as it was before this checkpoint.
+      this.outbox.rollback(mark);
       throw new CrmError('CHECKPOINT_FAILED', `checkpoint ${epoch} was not written`, { cause: err });
     }
     this.epoch = epoch;
@@ -717,12 +873,73 @@ export class Engine {
     this.identity.committed();
     this.timers.committed();
     this.dedupe.committed();
+    this.quarantine.committed();
+    for (const op of this.operators) op.committed();
     this.outbox.committed();
+    this.uncommitted = false;
     this.lastCheckpointAt = performance.now();
+    this.lastCheckpointWall = Date.now();
     this.checkpointMsLast = this.lastCheckpointAt - started;
     this.checkpointMsTotal += this.checkpointMsLast;
     for (const fn of this.checkpointListeners) fn(this.positionValue, epoch);
     await this.outbox.drain();
+  }
+
+  /**
+   * Makes everything processed so far durable: a checkpoint if anything changed since the last
+   * one, else nothing. `ingest(events, { durable: true })` and the HTTP server (group commit: the
+   * requests of one engine turn share one checkpoint) answer only after it.
+   */
+  async sync(): Promise<void> {
+    if (this.idleRun !== null) await this.waitIdle();
+    if (!this.uncommitted) {
+      this.enter();
+      this.busy = false;
+      return;
+    }
+    await this.checkpoint();
+  }
+
+  /** True while something processed is not yet in a checkpoint. */
+  get hasUncommitted(): boolean {
+    return this.uncommitted;
+  }
+
+  /**
+   * For health checks (/readyz): fail-closed state, checkpoint failures, and each outbox sink's
+   * cursor and failures.
+   */
+  health(): EngineHealth {
+    const f = this.failure;
+    return {
+      failed: f === null ? null : { code: f instanceof CrmError ? f.code : 'OPERATOR_FAILED', message: f instanceof Error ? f.message : String(f) },
+      checkpointFailuresTotal: this.checkpointFailures,
+      consecutiveCheckpointFailures: this.checkpointFailStreak,
+      lastCheckpointError: this.lastCheckpointError === null ? null : errorText(this.lastCheckpointError),
+      lastCheckpointAt: this.lastCheckpointWall,
+      sinks: this.outbox.sinkStatus(),
+    };
+  }
+
+  /**
+   * After a call that left changes outside a checkpoint (an ingest between due checkpoints), a
+   * timer takes one when the engine has sat idle for `checkpoint.intervalMs`: dirty state never
+   * waits for the next event to become durable. It runs only when no call is in progress; calls
+   * that arrive while it writes wait for it (`enter`).
+   */
+  private armIdleCheckpoint(): void {
+    if (!this.uncommitted || this.idleTimer !== null || this.closed || this.failure !== null) return;
+    this.idleTimer = setTimeout(() => {
+      this.idleTimer = null;
+      if (!this.uncommitted || this.busy || this.closed || this.failure !== null) return;
+      this.busy = true; // synchronously: a call arriving now waits for idleRun, never sees ENGINE_BUSY
+      this.idleRun = this.checkpointNow().catch(() => undefined /* in health(); failure set when retries ran out */).finally(() => {
+        this.busy = false;
+        this.idleRun = null;
+        this.armIdleCheckpoint();
+      });
+    }, Math.max(1, this.config.checkpoint.intervalMs));
+    this.idleTimer.unref();
   }
 
   /**
@@ -820,6 +1037,7 @@ export class Engine {
   async reloadSegments(definitions: unknown, source = 'reloaded segment rules'): Promise<SegmentReloadReport> {
     const op = this.segmentOperator();
     const defs = parseSegments({ segments: definitions }, source); // before anything changes
+    if (this.idleRun !== null) await this.waitIdle();
     this.enter();
     try {
       await this.checkpointNow();
@@ -830,7 +1048,7 @@ export class Engine {
       await this.runSegmentScan();
       return report;
     } catch (err) {
-      this.failure = err;
+      this.fail(err);
       throw err;
     } finally {
       this.busy = false;
@@ -928,6 +1146,42 @@ export class Engine {
     for await (const m of this.segmentMemberships()) if (m.segment === id) yield { user_id: m.user_id, tier: m.tier, since: m.since };
   }
 
+  /**
+   * One page of a segment's members in user-id order, after `after` (exclusive): at most `limit`,
+   * and the cursor of the next page (null at the end). Read-only: the stored profiles from the
+   * cursor on, with the ones changed since the last checkpoint read from memory instead — no
+   * checkpoint and no scan of the profiles before the cursor, so paging through members never
+   * stalls ingest (docs/API.md `GET /v1/segments/:id/members`).
+   */
+  async segmentMembersPage(id: string, after: string, limit: number): Promise<{ members: { user_id: string; tier: string; since: number }[]; next: string | null }> {
+    const op = this.segmentOperator();
+    if (!op.ids.includes(id)) throw new CrmError('CONFIG_INVALID', `no segment '${id}' (segments: ${op.ids.join(', ')})`);
+    const dirty = this.profiles.dirtyRecords().filter((r) => r.id > after).sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+    const members: { user_id: string; tier: string; since: number }[] = [];
+    const visit = (rec: UserRecord): boolean => {
+      if (!rec.deleted) {
+        for (const m of op.membershipOf(rec)) if (m.segment === id) members.push({ user_id: rec.id, tier: m.tier, since: m.since });
+      }
+      return members.length > limit; // one more than asked: there is a next page
+    };
+    let d = 0;
+    const gte = USER_PREFIX + (after === '' ? '' : `${after}\u0000`);
+    scan: for await (const entries of this.store.scan({ gte, lt: 'u0' }, 256)) {
+      for (const e of entries) {
+        const key = e.key.slice(USER_PREFIX.length);
+        while (d < dirty.length && dirty[d]!.id < key) if (visit(dirty[d++]!)) break scan;
+        const mem = d < dirty.length && dirty[d]!.id === key ? dirty[d++]! : this.profiles.decode(key, e.value);
+        if (visit(mem)) break scan;
+      }
+    }
+    while (members.length <= limit && d < dirty.length) visit(dirty[d++]!);
+    if (members.length > limit) {
+      members.length = limit;
+      return { members, next: members[limit - 1]!.user_id };
+    }
+    return { members, next: null };
+  }
+
   /** Every (user, segment) membership in one scan of the profiles (after a checkpoint). */
   async *segmentMemberships(): AsyncGenerator<{ user_id: string; segment: string; tier: string; since: number }> {
     const op = this.segmentOperator();
@@ -975,7 +1229,7 @@ export class Engine {
       kpiUpdates: this.kpi?.updates ?? 0, kpiCorrections: this.kpi?.corrections ?? 0, kpiLiveCells: this.kpi?.liveCells ?? 0,
       kpiCellsCompacted: this.kpi?.cellsCompacted ?? 0, segmentChanges: this.segments?.changes ?? 0,
       segmentEvaluations: this.segments?.evaluations ?? 0, segmentScanResumes: this.segmentScanResumes,
-      triggers: this.campaigns?.triggers ?? 0, checkpointMsLast: this.checkpointMsLast, checkpointMsTotal: this.checkpointMsTotal,
+      triggers: this.campaigns?.triggers ?? 0, quarantined: this.quarantine.quarantined, checkpointFailures: this.checkpointFailures, checkpointMsLast: this.checkpointMsLast, checkpointMsTotal: this.checkpointMsTotal,
       ...(this.router === null ? {} : this.routing),
     };
   }
@@ -986,13 +1240,48 @@ export class Engine {
    */
   async close(): Promise<void> {
     if (this.closed) return;
-    if (this.failure === null) await this.checkpoint();
+    if (this.idleTimer !== null) clearTimeout(this.idleTimer);
+    this.idleTimer = null;
+    if (this.idleRun !== null) await this.waitIdle();
+    // The last checkpoint may fail (disk full): operators, sinks and the store are closed anyway —
+    // the LevelDB lock and a Kafka consumer must never outlive a failed close — and the
+    // checkpoint's error is reported with any cleanup error.
+    let last: unknown = null;
+    if (this.failure === null) {
+      try {
+        await this.checkpoint();
+      } catch (err) {
+        last = err;
+      }
+    }
     this.closed = true;
     await cleanupAll([
+      () => {
+        if (last !== null) throw last;
+      },
       ...this.operators.map((op) => () => op.close()),
       () => this.outbox.close(),
       () => this.store.close(),
     ]);
+  }
+
+  /** Fails closed: nothing more is processed or checkpointed; `failed` resolves with the cause. */
+  private fail(err: unknown): void {
+    if (this.failure !== null) return;
+    this.failure = err;
+    this.onFailed?.(err);
+  }
+
+  /**
+   * Resolves with the cause once the engine has failed closed (an operator threw half-way, or a
+   * checkpoint kept failing): `run` and `demo` exit non-zero on it, whatever they were doing.
+   */
+  readonly failed: Promise<unknown> = new Promise((resolve) => {
+    this.onFailed = resolve;
+  });
+
+  private async waitIdle(): Promise<void> {
+    while (this.idleRun !== null) await this.idleRun;
   }
 
   private enter(): void {
@@ -1018,6 +1307,15 @@ async function readMeta(store: KvStore): Promise<Meta | null> {
   } catch (err) {
     throw new CrmError('STATE_CORRUPT', 'checkpoint metadata cannot be parsed', { cause: err });
   }
+}
+
+function errorText(err: unknown): string {
+  const cause = err instanceof Error && err.cause instanceof Error ? `: ${err.cause.message}` : '';
+  return `${err instanceof Error ? err.message : String(err)}${cause}`;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function rowToEvent(b: EventColumns, i: number): crmstream.v1.IEvent {

@@ -103,6 +103,10 @@ export const Reject = {
   bad_amount: 8,
   duplicate: 9,
   bad_field: 10,
+  /** Further in the future than time.maxFutureMs of the processing clock (SPEC §8 "Event time is protected"). */
+  future_timestamp: 11,
+  /** An operator threw on this record before: quarantined instead of crash-looping (docs/GUARANTEES.md). */
+  poison: 12,
 } as const;
 /**
  * Status of a row that is not a reject: its profile lives in another partition (scale-out), so the

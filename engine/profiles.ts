@@ -52,6 +52,11 @@ export class ProfileTable {
     return this.dirtyList.length;
   }
 
+  /** Records changed since the last checkpoint (newer than their stored copy, or not stored yet). */
+  dirtyRecords(): readonly UserRecord[] {
+    return this.dirtyList;
+  }
+
   get cachedCount(): number {
     return this.cache.size;
   }

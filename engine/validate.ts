@@ -48,9 +48,13 @@ const KNOWN = new Map<string, number>(KNOWN_TYPE_NAMES.map((n) => [n, EventType[
 const wellFormed = (s: string): boolean => (s as unknown as { isWellFormed(): boolean }).isWellFormed();
 
 export function validateStatic(batch: EventColumns, cfg: EngineConfig, types: TypeRegistry): void {
-  const { minTs, maxTs } = cfg.time;
-  const { maxEventBytes, maxProps, currency: reporting, currencyRates } = cfg.validation;
+  const { minTs, maxTs: maxTsAbs, maxFutureMs } = cfg.time;
+  // The processing clock, read once per batch: bounds how far ahead of it an event may be dated.
+  const futureFrom = maxFutureMs === null ? Number.POSITIVE_INFINITY : Date.now() + maxFutureMs;
+  const maxTs = Math.min(maxTsAbs, Math.max(futureFrom, minTs));
+  const { maxEventBytes, maxProps, maxIdLength, maxNameLength, currency: reporting, currencyRates } = cfg.validation;
   const { status, type, eventId, userId, anonymousId, ts, size, props, amount, currency, typeCode } = batch;
+  const { orderId, triggerId, channel, platform, campaignId, variant } = batch;
   const n = batch.length;
   for (let i = 0; i < n; i++) {
     if (status[i] !== Reject.ok) continue;
@@ -79,11 +83,25 @@ export function validateStatic(batch: EventColumns, cfg: EngineConfig, types: Ty
       batch.reject(i, Reject.bad_encoding, 'an id contains a lone UTF-16 surrogate');
       continue;
     }
+    if (eventId[i]!.length > maxIdLength || userId[i]!.length > maxIdLength || anonymousId[i]!.length > maxIdLength ||
+      orderId[i]!.length > maxIdLength || triggerId[i]!.length > maxIdLength) {
+      batch.reject(i, Reject.bad_field, `an id is longer than ${maxIdLength} characters (validation.maxIdLength)`);
+      continue;
+    }
+    if (name.length > maxNameLength || channel[i]!.length > maxNameLength || platform[i]!.length > maxNameLength ||
+      campaignId[i]!.length > maxNameLength || variant[i]!.length > maxNameLength) {
+      batch.reject(i, Reject.bad_field, `type, channel, platform, campaign_id or variant is longer than ${maxNameLength} characters (validation.maxNameLength)`);
+      continue;
+    }
     const t = ts[i] as number;
     if (!(t >= minTs && t < maxTs)) { // also catches NaN and ±Infinity
-      batch.reject(i, Reject.bad_timestamp, Number.isNaN(t)
-        ? 'ts is missing'
-        : `ts ${t} is outside [${minTs}, ${maxTs}) ms since epoch (seconds instead of ms?)`);
+      if (t >= minTs && t < maxTsAbs) {
+        batch.reject(i, Reject.future_timestamp, `ts ${t} is more than ${maxFutureMs} ms after the processing clock (time.maxFutureMs)`);
+      } else {
+        batch.reject(i, Reject.bad_timestamp, Number.isNaN(t)
+          ? 'ts is missing'
+          : `ts ${t} is outside [${minTs}, ${maxTsAbs}) ms since epoch (seconds instead of ms?)`);
+      }
       continue;
     }
     if ((size[i] as number) > maxEventBytes) {

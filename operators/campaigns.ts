@@ -211,6 +211,8 @@ interface Compiled {
   /** Holdout fraction, then variants with cumulative weights in [control, 1). */
   readonly control: number;
   readonly variants: readonly { name: string; upTo: number; template: string; params: Record<string, string> }[];
+  /** Every placeholder name the variants' params use: what a follow-up keeps of its anchor event. */
+  readonly paramKeys: readonly string[];
   readonly dailyMinute: number;
   readonly audience: ((rec: UserRecord) => boolean) | null;
   /** Segment ids the audience reads (daily campaigns re-check on their changes). */
@@ -223,7 +225,11 @@ interface Cause {
   reason: string;
   /** The values params may use (event fields, segment, tier) — built only for a decision that sends. */
   values: () => Record<string, string>;
-  /** Follow-ups: the params as rendered against the anchor event (JSON, per `variant.param`). */
+  /**
+   * Follow-ups: what was kept of the anchor event (JSON). Since issue 17: `{"=": {name: value}}`,
+   * the anchor's values of the placeholders the params use; before: the params pre-rendered
+   * against the anchor, per `variant.param` (still read from older checkpoints).
+   */
   anchored?: string;
 }
 
@@ -334,13 +340,15 @@ export class CampaignOperator implements Operator {
     });
     const segs = new Set<string>();
     const audience = def.audience === undefined ? null : this.compileAudience(def.audience, segs);
+    const paramKeys = new Set<string>();
+    for (const v of variants) for (const tpl of Object.values(v.params)) for (const m of tpl.matchAll(PLACEHOLDER)) paramKeys.add(m[1]!);
     return {
       def, id: def.id, promotional: def.promotional ?? true,
       delays: 'after' in t ? t.delays.map(durationMs) : [],
       caps: (def.caps ?? []).map((c) => ({ max: c.max, within: durationMs(c.within) })),
       cooldown: typeof def.reentry === 'object' ? durationMs(def.reentry.cooldown) : 0,
       once: def.reentry === 'once',
-      control, variants,
+      control, variants, paramKeys: [...paramKeys],
       dailyMinute: 'daily' in t ? minuteOf(t.daily) : -1,
       audience, audienceSegments: segs,
     };
@@ -482,12 +490,16 @@ export class CampaignOperator implements Operator {
     u.fAnchor.push(anchorId);
     u.fTs.push(t);
     u.fStep.push(0);
-    // The anchor event's fields the params use, rendered now (the event is gone when the steps fire);
-    // placeholders it does not have ({{step}}) stay for the step to fill.
+    // The anchor event's values of the placeholders the params use, kept now (the event is gone
+    // when the steps fire). Values, not pre-rendered text: the params are rendered once, at the
+    // step, so a prop whose value holds `{{user_id}}` or `{{step}}` stays that literal text.
     const values = eventParams(b, i, rec.id);
-    const rendered: Record<string, string> = {};
-    for (const v of c.variants) for (const [k, tpl] of Object.entries(v.params)) rendered[`${v.name}.${k}`] = render(tpl, values, true);
-    u.fParams.push(JSON.stringify(rendered));
+    const kept: Record<string, string> = {};
+    for (const k of c.paramKeys) {
+      const v = values[k];
+      if (v !== undefined) kept[k] = v;
+    }
+    u.fParams.push(JSON.stringify({ [ANCHOR_VALUES]: kept }));
     u.fStop.push(stop);
     this.reschedule(rec, u, ctx);
   }
@@ -670,11 +682,18 @@ export class CampaignOperator implements Operator {
     const control = variant === null;
     const template = variant?.template ?? c.def.action.template;
     const params: Record<string, string> = {};
-    const values = cause.values();
-    const anchored = cause.anchored === undefined ? null : (JSON.parse(cause.anchored) as Record<string, string>);
+    let values = cause.values();
+    const anchored = cause.anchored === undefined ? null : (JSON.parse(cause.anchored) as Record<string, unknown>);
+    const kept = anchored?.[ANCHOR_VALUES];
+    // The anchor event's values come first (they were the first to be filled before issue 17 too).
+    if (kept !== null && typeof kept === 'object') values = { ...values, ...(kept as Record<string, string>) };
     // The holdout renders the first variant's params (what it would have been sent).
     const pv = variant ?? c.variants[0]!;
-    for (const [k, v] of Object.entries(pv.params)) params[k] = render(anchored?.[`${pv.name}.${k}`] ?? v, values);
+    for (const [k, v] of Object.entries(pv.params)) {
+      // A follow-up from an older checkpoint holds params pre-rendered against its anchor.
+      const legacy = kept === undefined ? anchored?.[`${pv.name}.${k}`] : undefined;
+      params[k] = render(typeof legacy === 'string' ? legacy : v, values);
+    }
     const id = triggerId(c.id, userId, cause.key);
     u.last.set(c.id, t);
     if (control) cell[FI.control]! += 1;
@@ -764,6 +783,10 @@ export class CampaignOperator implements Operator {
   snapshot(ops: WriteOp[]): void {
     const enc = new TextEncoder();
     for (const key of this.dirty) ops.push({ type: 'put', key: CELL_PREFIX + key, value: enc.encode(Array.from(this.cells.get(key)!).join(',')) });
+  }
+
+  committed(): void {
+    // Cells change only in processBatch / onTimer, never while a checkpoint is being written.
     this.dirty.clear();
   }
 
@@ -837,8 +860,16 @@ function eventParams(b: EventColumns, i: number, user: string): Record<string, s
   return out;
 }
 
-/** `{{name}}` placeholders replaced by the cause's values ('' when it has none, or kept with `keep`). */
-function render(template: string, values: Readonly<Record<string, string>>, keep = false): string {
+/** A `{{name}}` placeholder in a param template. */
+const PLACEHOLDER = /\{\{\s*([\w.:-]+)\s*\}\}/g;
+/** The key of a follow-up's kept anchor values in `fParams` (no `variant.param` key can be '='). */
+const ANCHOR_VALUES = '=';
+
+/**
+ * `{{name}}` placeholders replaced by the cause's values ('' when it has none), in one pass: a
+ * value is never scanned again, so text from an event (a prop holding `{{user_id}}`) stays literal.
+ */
+function render(template: string, values: Readonly<Record<string, string>>): string {
   if (!template.includes('{{')) return template;
-  return template.replace(/\{\{\s*([\w.:-]+)\s*\}\}/g, (m, k: string) => values[k] ?? (keep ? m : ''));
+  return template.replace(PLACEHOLDER, (_m, k: string) => values[k] ?? '');
 }

@@ -1027,18 +1027,17 @@ export class KpiOperator implements Operator {
 
   onTimer(): void {}
 
+  /** Prepare: writes dirty cells and emits corrections; memory is cleaned in `committed`. */
   snapshot(ops: WriteOp[], ctx: OperatorContext): void {
     const cells = this.cells;
     let corrected: number[] | null = null;
     for (const i of cells.dirty) {
       const key = cells.keys[i]!;
       if ((cells.flags[i]! & FLAG_CORRECTED) !== 0) (corrected ??= []).push(key);
-      cells.flags[i] = 0;
       ops.push(encodeCell(cells.vals, i * NF, this.writer)
         ? { type: 'put', key: cellStoreKey(key), value: this.writer.take() }
         : { type: 'del', key: cellStoreKey(key) });
     }
-    cells.dirty = [];
     // Closed rows whose customers / dormant / rolling-active figures moved with a running count.
     for (const [dim, [from, until]] of this.coverFrom) {
       for (let g = CG_DAY; g <= CG_MONTH; g++) {
@@ -1048,13 +1047,17 @@ export class KpiOperator implements Operator {
         }
       }
     }
-    this.coverFrom.clear();
     if (corrected !== null) this.emitCorrections(corrected, ctx);
-    if (this.dimsDirty) {
-      ops.push({ type: 'put', key: META_KEY, value: new TextEncoder().encode(JSON.stringify({ dims: this.dimNames })) });
-      this.dimsDirty = false;
-    }
-    // Windows that crossed the retention horizon are final and durable (just written): drop them.
+    if (this.dimsDirty) ops.push({ type: 'put', key: META_KEY, value: new TextEncoder().encode(JSON.stringify({ dims: this.dimNames })) });
+  }
+
+  /** Commit: the cells are durable; windows that crossed the retention horizon are final now and leave memory. */
+  committed(): void {
+    const cells = this.cells;
+    for (const i of cells.dirty) cells.flags[i] = 0;
+    cells.dirty = [];
+    this.coverFrom.clear();
+    this.dimsDirty = false;
     if (this.horizon > this.compactedAt) {
       const h = this.horizon;
       const vals = cells.vals;

@@ -59,9 +59,15 @@ export interface OperatorContext {
 /**
  * A keyed (or global) operator. Lifecycle, driven by the runtime:
  * `open` (restore from the store) → repeated `processBatch` / `onTimer` (event-time order) →
- * `snapshot` at every checkpoint barrier (write non-keyed state into the same atomic batch) →
+ * at every checkpoint barrier `snapshot` (prepare: describe non-keyed state in the atomic batch)
+ * then `committed` once the batch is durable (or nothing, if the write failed: abort) →
  * `close`. Per-user state lives in the operator's slot of each `UserRecord` and is persisted by the
  * runtime; only state that is not per user (e.g. KPI aggregates) goes through `snapshot`.
+ *
+ * Prepare / commit is what makes a failed checkpoint change nothing: `snapshot` must leave memory
+ * exactly as it found it (dirty marks, compaction, retention all wait for `committed`), so the
+ * runtime can retry the checkpoint — with the same ops plus whatever happened since — and the
+ * running differences that aggregates are kept as never lose a step.
  */
 export interface Operator {
   readonly name: string;
@@ -78,10 +84,14 @@ export interface Operator {
   /** A timer of one of `timerKinds` fired for `rec` at event time `ts` (the watermark has passed it). */
   onTimer(rec: UserRecord, kind: string, ts: number, ctx: OperatorContext): void;
   /**
-   * Adds this operator's non-keyed state to the checkpoint batch. Records emitted here (`ctx.emit`)
-   * are part of the same checkpoint.
+   * Prepare: adds this operator's non-keyed state to the checkpoint batch WITHOUT changing memory.
+   * Records emitted here (`ctx.emit`) are part of the same checkpoint (the runtime takes them back
+   * if the write fails). May be called again after a failed write: it must then describe
+   * everything not yet committed.
    */
   snapshot(ops: WriteOp[], ctx: OperatorContext): void;
+  /** Commit: the batch of the last `snapshot` is durable; clear dirty marks, compact, drop what is final. */
+  committed(): void;
   /**
    * Identity stitch: `from` (an anonymous profile) is about to be folded into `into` with the
    * slots' `merge`. Operators whose aggregates depend on per-user facts retract both profiles'

@@ -126,6 +126,8 @@ export class ProfileOperator implements Operator {
 
   onTimer(): void {}
   snapshot(_ops: WriteOp[]): void {}
+
+  committed(): void {}
   async close(): Promise<void> {}
 }
 

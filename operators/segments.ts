@@ -1057,6 +1057,10 @@ export class SegmentOperator implements Operator {
       scan: this.scan === null ? null : { ...this.scan, seedAt: encInstant(this.scan.seedAt) },
     };
     ops.push({ type: 'put', key: STATE_KEY, value: new TextEncoder().encode(JSON.stringify(state)) });
+  }
+
+  committed(): void {
+    this.sizes.committed();
     this.stateDirty = false;
   }
 
@@ -1282,12 +1286,17 @@ class SizeLog {
   }
 
   snapshot(ops: WriteOp[]): void {
+    // Settling moves pending changes into the cells (and marks them dirty): memory means the same
+    // before and after, so a failed write loses nothing — the next snapshot writes them.
     this.settle();
     const enc = new TextEncoder();
     for (const key of this.dirty) {
       const c = this.cells.get(key)!;
       ops.push({ type: 'put', key: SIZE_PREFIX + key, value: enc.encode(`${c[0]},${c[1]}`) });
     }
+  }
+
+  committed(): void {
     this.dirty.clear();
   }
 

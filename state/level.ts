@@ -13,7 +13,9 @@
  * its buffers at once. Values returned by reads are fresh Buffers (a Uint8Array subclass) that the
  * caller owns.
  */
+import { readFileSync, statSync } from 'node:fs';
 import { mkdir, rm } from 'node:fs/promises';
+import path from 'node:path';
 import { ClassicLevel, type Iterator, type IteratorOptions } from 'classic-level';
 import { CrmError } from '../engine/errors.js';
 import { checkBatchSize, emptyScan, normalizeLimit, type KvEntry, type KvStore, type Range, type WriteOp } from './store.js';
@@ -88,8 +90,19 @@ export class LevelStore implements KvStore {
       this.db ??= new ClassicLevel<string, Uint8Array>(this.location, { keyEncoding: 'utf8', valueEncoding: 'view' });
       await this.db.open();
     } catch (err) {
-      // LevelDB reports a failed open as LEVEL_DATABASE_NOT_OPEN with the reason (often LEVEL_LOCKED:
-      // another process has the directory) in `cause`; that is an I/O failure, not "closed".
+      // LevelDB reports a failed open as LEVEL_DATABASE_NOT_OPEN with the reason in `cause`:
+      // LEVEL_LOCKED when another process (or another open store in this one) has the directory.
+      if (levelCode(err) === 'LEVEL_LOCKED' || levelCode(causeOf(err)) === 'LEVEL_LOCKED') {
+        const pid = lockHolder(path.join(this.location, 'LOCK'));
+        const who = pid === process.pid ? `this process (pid ${pid}) has it open already`
+          : `another crmstream process${pid === null ? '' : ` (pid ${pid})`} holds it`;
+        throw new CrmError(
+          'STATE_LOCKED',
+          `The state store ${this.location} is in use: ${who}. One process at a time may open a data dir: stop that process (or wait for it to exit), or use another --data-dir.`,
+          { cause: err },
+        );
+      }
+      // Anything else is an I/O failure, not "closed".
       const corrupt = levelCode(err) === 'LEVEL_CORRUPTION' || levelCode(causeOf(err)) === 'LEVEL_CORRUPTION';
       throw new CrmError(
         corrupt ? 'STATE_CORRUPT' : 'STATE_IO',
@@ -349,6 +362,32 @@ function wrapError(err: unknown, action: string): CrmError {
     default:
       return new CrmError('STATE_IO', `LevelDB ${action} failed`, { cause: err });
   }
+}
+
+/**
+ * The pid holding LevelDB's LOCK file, from /proc/locks (Linux: LevelDB takes a POSIX fcntl lock,
+ * listed there as `n: POSIX ADVISORY WRITE <pid> <major>:<minor>:<inode> …`, device numbers in hex).
+ * null where that cannot be told (another OS, another pid namespace, the lock gone meanwhile): the
+ * message then names no pid. One bounded read of a small file, only on this failure path.
+ */
+function lockHolder(lockFile: string): number | null {
+  try {
+    const st = statSync(lockFile, { bigint: true });
+    const dev = st.dev;
+    const major = Number(((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn));
+    const minor = Number((dev & 0xffn) | ((dev >> 12n) & ~0xffn));
+    const id = `${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}:${st.ino}`;
+    for (const line of readFileSync('/proc/locks', 'utf8').split('\n')) {
+      const f = line.trim().split(/\s+/);
+      // With a `->` (a blocked waiter) the fields shift by one; waiters are not holders.
+      if (f[1] !== 'POSIX' || f[5] !== id) continue;
+      const pid = Number(f[4]);
+      if (Number.isInteger(pid) && pid > 0) return pid;
+    }
+  } catch {
+    // No /proc/locks or no LOCK file: the pid is unknown, the error stands without it.
+  }
+  return null;
 }
 
 function levelCode(err: unknown): unknown {

@@ -41,8 +41,29 @@ export const KafkaConfigSchema = z.object({
   maxBatch: z.number().int().min(1).max(1 << 20).default(16_384),
   /** How long one consume call waits for the first message (ms, default 50): the idle poll period. */
   pollMs: z.number().int().min(1).max(10_000).default(50),
-  /** Pause fetching while this many delivered-but-unprocessed messages are held (default 100,000). */
+  /**
+   * Delivered-but-unprocessed messages held at most (default 100,000), shared evenly by the
+   * assigned partitions: a partition holding its share is paused until half of it is processed.
+   */
   maxBuffered: z.number().int().min(1).default(100_000),
+  /**
+   * How far (ms of event time, default 60,000) a partition's stream time may run ahead of the
+   * slowest active partition's (docs/KAFKA.md "Event time across partitions"). A partition that
+   * far ahead is paused and not handed to the engine until the others catch up, so a backlog is
+   * read with the partitions advancing together: the engine sees events at most this much (plus
+   * one batch's first row) ahead of its watermark, and its pending timers and open windows stay
+   * bounded. Small against allowed lateness (3 days) and timer horizons (minutes to days), large
+   * enough that a dense topic still gives full batches; a sparse one gives small batches.
+   */
+  maxSkewMs: z.number().int().min(0).default(60_000),
+  /**
+   * A partition with nothing buffered and no message for this long (ms, default 30,000; a paused
+   * one excepted) is idle: it stops holding the watermark back (Flink's idleness). A partition read
+   * to its end offset is idle at once. A partition whose broker is down longer than this lets the
+   * watermark go on; its events are then judged against it (accepted within allowed lateness, 3
+   * days by default): raise it to make the watermark wait for such a partition instead.
+   */
+  partitionIdleMs: z.number().int().min(1).default(30_000),
   /** A sink keeps re-sending what the broker refused for this long before the run fails (ms, default 300,000). */
   deliveryTimeoutMs: z.number().int().min(1_000).default(300_000),
   /**
@@ -55,7 +76,11 @@ export const KafkaConfigSchema = z.object({
   scaleOut: z.object({
     routeTopic: z.string().min(1).default('crmstream-route'),
     changelogTopic: z.string().min(1).default('crmstream-changelog'),
-    /** How often each input partition's largest event time is broadcast to every task (ms, default 1,000). */
+    /**
+     * How often each events partition's stream time (largest valid event time routed) and idleness
+     * are broadcast to every task (ms, default 1,000); each task's watermark is the minimum over
+     * the active events partitions (docs/KAFKA.md "Event time across partitions").
+     */
     hintMs: z.number().int().min(10).max(60_000).default(1_000),
     /** Each task's KPI partials, for global KPIs any instance can read (`crmstream kpis`); N partitions. */
     partialsTopic: z.string().min(1).default('crmstream-kpi-partials'),

@@ -98,8 +98,10 @@ export class KafkaSink implements OutboxSink {
 
   /**
    * Produces every record and waits for all acknowledgements; a refused message is produced
-   * again until `deliveryTimeoutMs` has passed since this call, then SINK_IO (the engine stops;
-   * the records are re-fed from the outbox cursor at the next start).
+   * again until `deliveryTimeoutMs` has passed since this call, then SINK_IO. The outbox then keeps
+   * the records, leaves this sink's cursor where it was and calls deliver() again from it with
+   * backoff (engine/outbox.ts), without holding up checkpoints or the other sinks; consumers drop
+   * what is produced twice by the `crmstream-seq` header.
    */
   async deliver(records: readonly OutboxRecord[]): Promise<void> {
     const deadline = performance.now() + this.cfg.deliveryTimeoutMs;

@@ -7,9 +7,20 @@
  *   wrapped in a `Routed` record and produced to partition `partitionOf(routeKey)` of the route
  *   topic, with headers `crmstream-src: e<q>` and `crmstream-seq: <offset>`. The events offsets are
  *   committed to the group once those deliveries are acknowledged; a crash re-routes from the
- *   committed offset and the tasks drop what they have seen (below). Every `hintMs` the largest
- *   event time routed from q goes to every route partition (after those events: one producer, one
- *   partition, one order), so every task keeps the watermark one engine reading all would have.
+ *   committed offset and the tasks drop what they have seen (below). Every `hintMs` q's stream
+ *   time (the largest valid event time routed from it) and whether q is idle (read to its end, or
+ *   silent for partitionIdleMs) go to every route partition (after those events: one producer,
+ *   one partition, one order). Each task's watermark is the MINIMUM over the active events
+ *   partitions (engine/watermarks.ts), as one engine reading them all keeps it, so a partition
+ *   routed behind the others loses nothing. An events partition whose stream time runs
+ *   `maxSkewMs` ahead of the slowest active one (as this instance knows it: its own partitions,
+ *   and the hints its tasks received) is paused, so a backlog is routed with partitions together.
+ *   Rows a task forwards reach their task later than the hints of their events partition (after
+ *   the forwarding task's checkpoint): so each task also announces, once its forwards up to a
+ *   checkpoint are delivered, its own event time over the events partitions (`crmstream-hint:
+ *   t<p>`) to the other tasks, and a task's watermark is the minimum over those announcements
+ *   too. A forwarded row was accepted against a watermark no later than the one its sender
+ *   announced after it, so it is never `too_late` where it lands.
  * - **route/p → task p (stateful).** An Engine with `partitionRouter(p, N)` and its own state: a
  *   LevelDB copy under `<dataDir>/tasks/<p>` behind a ChangelogStore that logs every checkpoint to
  *   partition p of the changelog topic before applying it. A task is opened when p is assigned:
@@ -43,6 +54,7 @@ import { SharedProducer, openChangelogStore, type ChangelogMessage, type Restore
 import type { KafkaConfig } from './config.js';
 import { publishPartials } from './partials.js';
 import { header, partitionCount } from './util.js';
+import type { InputTimesHolder, InputWatermarks } from '../watermarks.js';
 
 const ERR_ASSIGN = -175;
 const ERR_REVOKE = -174;
@@ -50,10 +62,28 @@ const ERR_REVOKE = -174;
 const OFFSET_STORED = -1000;
 const H_SRC = 'crmstream-src';
 const H_SEQ = 'crmstream-seq';
+/** Stream-time hints: the events partition they describe, and `1` when it is idle. */
+const H_HINT = 'crmstream-hint';
+const H_IDLE = 'crmstream-idle';
 
-/** A task's checkpointed position: its route offset and the highest seq processed per source. */
+/**
+ * A task's checkpointed position: its route offset, the highest seq processed per source, and the
+ * events partitions' stream times and idle flags as the task had them (from in-band hints: restored
+ * as they were, so the watermark continues exactly).
+ */
 export interface TaskPosition {
-  readonly task: { readonly topic: string; readonly partition: number; readonly offset: number; readonly hw: Readonly<Record<string, number>> };
+  readonly task: {
+    readonly topic: string; readonly partition: number; readonly offset: number; readonly hw: Readonly<Record<string, number>>;
+    readonly times?: Readonly<Record<string, number>> | null; readonly idle?: readonly number[] | null;
+  };
+}
+
+/** The mutable `task` part of a TaskPosition: the engine fills `times` after the batch. */
+interface TaskPositionPart extends InputTimesHolder {
+  readonly topic: string;
+  readonly partition: number;
+  readonly offset: number;
+  readonly hw: Record<string, number>;
 }
 
 function isTaskPosition(p: unknown, topic: string, partition: number): p is TaskPosition {
@@ -102,6 +132,12 @@ interface Task {
   /** Next route offset to process; messages below it have been processed (or skipped) already. */
   next: number;
   readonly hw: Map<string, number>;
+  /** The engine's per-input watermarks: one input per events partition. */
+  readonly inputs: InputWatermarks;
+  /** The input the rows in `batch` count for: their events partition, −1 for forwarded rows. */
+  batchInput: number;
+  /** The event time over the events partitions this task last announced to the others. */
+  announced: number;
   /** Processed since the last checkpoint. */
   dirty: boolean;
   /** Processed since its KPI partials were last published. */
@@ -121,9 +157,15 @@ export class ScaleOutRunner {
   private readonly tasks = new Map<number, Task>();
   /** Events partitions this instance routes → next offset to route. */
   private readonly eventsNext = new Map<number, number>();
-  /** Largest event time routed per events partition, and the last one broadcast. */
+  /** Largest valid event time routed per events partition, and the last hint broadcast (`ts|idle`). */
   private readonly maxTs = new Map<number, number>();
-  private readonly hinted = new Map<number, number>();
+  private readonly hinted = new Map<number, string>();
+  /** Per owned events partition: performance.now() of its last message (or its assignment). */
+  private readonly lastMsgAt = new Map<number, number>();
+  /** Owned events partitions paused for skew. */
+  private readonly pausedEvents = new Set<number>();
+  /** Other instances' events partitions as the hints received here describe them. */
+  private readonly peers = new Map<number, { ts: number; idle: boolean }>();
   private readonly eofAt = new Map<string, number>();
   /** Rebalance callbacks, handled by the loop between consume calls (the work is async). */
   private readonly rebalances: { err: LibrdKafkaError; assignment: Assignment[] }[] = [];
@@ -291,7 +333,11 @@ export class ScaleOutRunner {
     const routeParts = assignment.filter((a) => a.topic === this.route).map((a) => a.partition);
     for (const a of assignment) this.eofAt.delete(`${a.topic}/${a.partition}`);
     for (const p of routeParts) this.tasks.set(p, await this.openTask(p));
-    for (const q of eventsParts) this.eventsNext.set(q, -1);
+    const now = performance.now();
+    for (const q of eventsParts) {
+      this.eventsNext.set(q, -1);
+      this.lastMsgAt.set(q, now);
+    }
     this.consumer.assign([
       ...eventsParts.map((partition) => ({ topic: this.events, partition, offset: OFFSET_STORED })),
       ...routeParts.map((partition) => ({ topic: this.route, partition, offset: this.tasks.get(partition)!.next })),
@@ -303,9 +349,19 @@ export class ScaleOutRunner {
     await this.flushStage0();
     for (const t of this.tasks.values()) await this.closeTask(t);
     this.tasks.clear();
+    // What was routed from them stays known until their new owner's hints say more.
+    for (const q of this.eventsNext.keys()) this.peers.set(q, { ts: Math.max(this.peers.get(q)?.ts ?? 0, this.maxTs.get(q) ?? 0), idle: false });
+    try {
+      if (this.pausedEvents.size > 0) this.consumer.resume([...this.pausedEvents].map((partition) => ({ topic: this.events, partition })));
+    } catch (err) {
+      this.counters.errors++;
+      this.opts.onError?.(err);
+    }
+    this.pausedEvents.clear();
     this.eventsNext.clear();
     this.maxTs.clear();
     this.hinted.clear();
+    this.lastMsgAt.clear();
     this.consumer.unassign();
   }
 
@@ -327,10 +383,19 @@ export class ScaleOutRunner {
       throw err;
     }
     const pos = engine.position;
-    const task: Task = { p, engine, batch: new EventColumns(this.cfg.batchRows), next: 0, hw: new Map(), dirty: false, unpublished: true };
+    // Per-input watermarks: one input per events partition, all of them counting from the start
+    // (a partition not heard from yet holds the watermark, until its hint says it is idle).
+    // Inputs 0..N-1: the events partitions (hints); N + p': the other tasks' announcements.
+    const inputs = engine.inputWatermarks();
+    inputs.assign(Array.from({ length: 2 * this.n }, (_, i) => i).filter((i) => i !== this.n + p));
+    const task: Task = {
+      p, engine, batch: new EventColumns(this.cfg.batchRows), next: 0, hw: new Map(), inputs, batchInput: -1, announced: Number.NEGATIVE_INFINITY,
+      dirty: false, unpublished: true,
+    };
     if (isTaskPosition(pos, this.route, p)) {
       task.next = pos.task.offset;
       for (const [src, seq] of Object.entries(pos.task.hw)) task.hw.set(src, seq);
+      inputs.restore(pos.task.times ?? null, pos.task.idle ?? null);
     }
     engine.onCheckpoint((position) => {
       if (!isTaskPosition(position, this.route, p) || this.closing) return;
@@ -381,6 +446,11 @@ export class ScaleOutRunner {
     const byDest = new Map<number, ChangelogMessage[]>();
     const commit = new Map<number, number>();
     const b = this.scratch;
+    // Only a time the tasks will accept is a stream time: one far-future event (rejected there,
+    // future_timestamp) must not become the hint that moves every task's watermark.
+    const { minTs, maxTs: maxTsAbs, maxFutureMs } = this.cfg.time;
+    const tsBound = Math.min(maxTsAbs, maxFutureMs === null ? Number.POSITIVE_INFINITY : Date.now() + maxFutureMs);
+    const now = performance.now();
     for (const m of msgs) {
       const origin = `${m.topic}/${m.partition}@${m.offset}`;
       const value = m.value ?? EMPTY;
@@ -389,7 +459,9 @@ export class ScaleOutRunner {
       else appendProtoEvent(b, value, origin);
       // An event that does not decode still goes to a task (by its origin), to be dead-lettered there.
       const key = b.status[0] === Reject.ok ? routeKey(b.userId[0]!, b.anonymousId[0]!, b.eventId[0]!) : origin;
-      if (b.status[0] === Reject.ok && b.ts[0]! > (this.maxTs.get(m.partition) ?? -Infinity)) this.maxTs.set(m.partition, b.ts[0]!);
+      const ts = b.ts[0]!;
+      if (b.status[0] === Reject.ok && ts >= minTs && ts < tsBound && ts > (this.maxTs.get(m.partition) ?? -Infinity)) this.maxTs.set(m.partition, ts);
+      this.lastMsgAt.set(m.partition, now);
       const dest = partitionOf(key, this.n);
       listOf(byDest, dest).push({
         key,
@@ -428,20 +500,107 @@ export class ScaleOutRunner {
     if (this.stage0Error !== null) throw this.stage0Error;
   }
 
-  /** Each events partition's largest event time, to every task (after the events it covers). */
+  /**
+   * Each owned events partition's stream time and idleness, to every task (after the events it
+   * covers), when they changed. Routed.watermark 0 = no valid event routed from it yet.
+   */
   private broadcastHints(): void {
     const byDest = new Map<number, ChangelogMessage[]>();
-    for (const [q, ts] of this.maxTs) {
-      if (this.hinted.get(q) === ts) continue;
-      this.hinted.set(q, ts);
+    const now = performance.now();
+    for (const q of this.eventsNext.keys()) {
+      const ts = this.maxTs.get(q) ?? 0;
+      const idle = this.eventsIdle(q, now);
+      if (ts === 0 && !idle) continue; // nothing to say yet
+      const said = `${ts}|${idle ? 1 : 0}`;
+      if (this.hinted.get(q) === said) continue;
+      this.hinted.set(q, said);
       const value = crmstream.v1.Routed.encode({ watermark: ts }).finish();
-      for (let p = 0; p < this.n; p++) listOf(byDest, p).push({ key: `hint-e${q}`, value, headers: [] });
+      const headers: MessageHeader[] = [{ [H_HINT]: String(q) }, { [H_IDLE]: idle ? '1' : '0' }];
+      for (let p = 0; p < this.n; p++) listOf(byDest, p).push({ key: `hint-e${q}`, value, headers });
       this.counters.hints++;
     }
     if (byDest.size > 0) this.send(byDest, new Map());
   }
 
-  /** Task p: de-duplicates by source seq, splits batches at watermarks, and ingests. */
+  /**
+   * An owned events partition is idle when everything up to its end offset (partition EOF, or the
+   * high watermark librdkafka cached from fetch responses) is routed, or when, not paused, no
+   * message came for partitionIdleMs.
+   */
+  private eventsIdle(q: number, now: number): boolean {
+    // Silence counts only while it is fetched (a partition paused for skew gets nothing by our doing).
+    if (!this.pausedEvents.has(q) && now - (this.lastMsgAt.get(q) ?? now) >= this.opts.kafka.partitionIdleMs) return true;
+    const next = this.eventsNext.get(q) ?? -1;
+    const eof = this.eofAt.get(`${this.events}/${q}`);
+    if (eof !== undefined && (next < 0 || next >= eof)) return true;
+    if (next < 0) return false; // starts at the committed offset: not known here
+    try {
+      const w = this.consumer.getWatermarkOffsets(this.events, q);
+      return w.highOffset >= 0 && next >= w.highOffset;
+    } catch {
+      return false; // nothing fetched yet
+    }
+  }
+
+  /**
+   * Pauses an owned events partition whose stream time runs maxSkewMs ahead of the slowest active
+   * events partition this instance knows of (its own, and others' from the hints its tasks got;
+   * one not heard from yet counts as −∞), and resumes it at half that. Route partitions are never
+   * paused: they carry the other instances' hints, so no instance waits on another for good.
+   */
+  private updateSkewPauses(): void {
+    if (this.eventsNext.size === 0) return;
+    const now = performance.now();
+    const skew = this.opts.kafka.maxSkewMs;
+    let low1 = Number.POSITIVE_INFINITY;
+    let low2 = Number.POSITIVE_INFINITY;
+    let lowAt = -1;
+    for (let q = 0; q < this.n; q++) {
+      let ts: number;
+      if (this.eventsNext.has(q)) {
+        if (this.eventsIdle(q, now)) continue;
+        ts = this.maxTs.get(q) ?? Number.NEGATIVE_INFINITY;
+      } else {
+        const peer = this.peers.get(q);
+        if (peer?.idle === true) continue;
+        ts = peer === undefined || peer.ts === 0 ? Number.NEGATIVE_INFINITY : peer.ts;
+      }
+      if (lowAt < 0 || ts < low1) {
+        low2 = low1;
+        low1 = ts;
+        lowAt = q;
+      } else if (ts < low2) low2 = ts;
+    }
+    const pause: { topic: string; partition: number }[] = [];
+    const resume: { topic: string; partition: number }[] = [];
+    for (const q of this.eventsNext.keys()) {
+      const paused = this.pausedEvents.has(q);
+      const others = q === lowAt ? low2 : low1;
+      const ts = this.maxTs.get(q) ?? Number.NEGATIVE_INFINITY;
+      const ahead = !this.eventsIdle(q, now) && ts > others + (paused ? skew / 2 : skew);
+      if (ahead === paused) continue;
+      if (ahead) {
+        this.pausedEvents.add(q);
+        pause.push({ topic: this.events, partition: q });
+      } else {
+        this.pausedEvents.delete(q);
+        this.lastMsgAt.set(q, now);
+        resume.push({ topic: this.events, partition: q });
+      }
+    }
+    try {
+      if (pause.length > 0) this.consumer.pause(pause);
+      if (resume.length > 0) this.consumer.resume(resume);
+    } catch (err) {
+      this.counters.errors++;
+      this.opts.onError?.(err);
+    }
+  }
+
+  /**
+   * Task p: de-duplicates by source seq, cuts batches at hints and where the events partition the
+   * rows come from changes (the engine attributes a batch's rows to one input), and ingests.
+   */
   private async process(t: Task, msgs: Message[]): Promise<void> {
     const tz = this.cfg.time.timeZone;
     const b = t.batch;
@@ -449,24 +608,44 @@ export class ScaleOutRunner {
     for (const m of msgs) {
       t.dirty = true;
       t.unpublished = true;
-      const src = header(m, H_SRC);
-      if (src !== null) {
-        const seq = Number(header(m, H_SEQ));
-        if (seq <= (t.hw.get(src) ?? -1)) {
-          this.counters.duplicatesSkipped++;
-          t.next = m.offset + 1;
-          continue;
-        }
-        t.hw.set(src, seq);
-      }
-      const r = appendRouted(b, m.value ?? EMPTY, `${m.topic}/${m.partition}@${m.offset}`, tz);
-      if (r.kind === 'watermark') {
-        // The rows before it are one batch whose position stops short of the watermark; the
-        // watermark's own position covers it, so a replay applies it exactly once, in its place.
+      const hint = header(m, H_HINT);
+      if (hint !== null) {
+        // The rows before it are one batch whose position stops short of the hint; the hint's own
+        // position covers it, so a replay applies it exactly once, in its place.
         await this.ingest(t);
         t.next = m.offset + 1;
-        if (r.advance) await t.engine.advanceTo(r.ts, this.position(t));
-        else await t.engine.observeEventTime(r.ts, this.position(t));
+        // `<q>`: events partition q (from its router); `t<p'>`: task p' (its announcement).
+        const input = hint.startsWith('t') ? this.n + Number(hint.slice(1)) : Number(hint);
+        await this.hint(t, input, m, header(m, H_IDLE) === '1');
+        continue;
+      }
+      const src = header(m, H_SRC);
+      const seq = src === null ? -1 : Number(header(m, H_SEQ));
+      if (src !== null && seq <= (t.hw.get(src) ?? -1)) {
+        this.counters.duplicatesSkipped++;
+        t.next = m.offset + 1;
+        continue;
+      }
+      const input = src === null ? -1 : inputOf(src, this.n);
+      if (input !== t.batchInput) {
+        // Before this row counts as seen (hw): the batch's position must not cover it.
+        if (b.length > 0) await this.ingest(t);
+        t.batchInput = input;
+      }
+      if (src !== null) t.hw.set(src, seq);
+      const r = appendRouted(b, m.value ?? EMPTY, `${m.topic}/${m.partition}@${m.offset}`, tz);
+      if (r.kind === 'watermark') {
+        await this.ingest(t);
+        t.next = m.offset + 1;
+        if (r.advance) {
+          await t.engine.advanceTo(r.ts, this.position(t));
+        } else {
+          // A hint without headers (written before per-partition hints): its partition is in the key.
+          const q = /^hint-e(\d+)$/.exec(m.key?.toString() ?? '');
+          const pos = this.position(t);
+          if (q !== null) t.inputs.bind(pos, Number(q[1]), pos.task as TaskPositionPart);
+          await t.engine.observeEventTime(r.ts, pos);
+        }
         continue;
       }
       t.next = m.offset + 1;
@@ -477,13 +656,64 @@ export class ScaleOutRunner {
   }
 
   private async ingest(t: Task): Promise<void> {
-    await t.engine.ingestColumns(t.batch, this.position(t));
+    const pos = this.position(t);
+    t.inputs.bind(t.batch, t.batchInput, pos.task as TaskPositionPart);
+    await t.engine.ingestColumns(t.batch, pos);
     t.batch.reset();
   }
 
-  /** A fresh object each time: the engine keeps it until its next checkpoint. */
+  /**
+   * A stream-time hint for input `input` (an events partition, or N + an announcing task): its
+   * idleness, then its time (0: none yet); the task's watermark moves to the minimum over the
+   * active inputs.
+   */
+  private async hint(t: Task, input: number, m: Message, idle: boolean): Promise<void> {
+    let ts = 0;
+    try {
+      ts = Number(crmstream.v1.Routed.decode(m.value ?? EMPTY).watermark);
+    } catch {
+      this.counters.errors++; // not ours to dead-letter: a hint carries no event
+    }
+    if (!(Number.isInteger(input) && input >= 0 && input < 2 * this.n) || input === this.n + t.p) return;
+    if (input < this.n) {
+      const peer = this.peers.get(input);
+      this.peers.set(input, { ts: Math.max(peer?.ts ?? 0, Number.isFinite(ts) ? ts : 0), idle });
+    }
+    t.inputs.setIdle(input, idle);
+    const pos = this.position(t);
+    if (Number.isFinite(ts) && ts > 0) {
+      t.inputs.bind(pos, input, pos.task as TaskPositionPart);
+      await t.engine.observeEventTime(ts, pos);
+    } else {
+      await t.engine.advanceTo(t.inputs.watermark(), pos);
+    }
+  }
+
+  /**
+   * Task t's event time over the events partitions, to every other task — only when everything it
+   * processed is checkpointed and its forwarded rows up to there are delivered (the route sink is
+   * at the outbox head), so the announcement lands after them in every route partition.
+   */
+  private announce(t: Task): void {
+    if (t.engine.hasUncommitted) return;
+    const route = t.engine.health().sinks.find((s) => s.name === 'route');
+    if (route !== undefined && route.cursor < route.head) return;
+    const d = t.inputs.eventTimeOf(0, this.n);
+    if (!Number.isFinite(d) || d <= t.announced) return;
+    t.announced = d;
+    const value = crmstream.v1.Routed.encode({ watermark: d }).finish();
+    const headers: MessageHeader[] = [{ [H_HINT]: `t${t.p}` }, { [H_IDLE]: '0' }];
+    const byDest = new Map<number, ChangelogMessage[]>();
+    for (let p = 0; p < this.n; p++) if (p !== t.p) listOf(byDest, p).push({ key: `hint-t${t.p}`, value, headers });
+    this.counters.hints++;
+    if (byDest.size > 0) this.send(byDest, new Map());
+  }
+
+  /** A fresh object each time: the engine keeps it until its next checkpoint (and fills its times). */
   private position(t: Task): TaskPosition {
-    return { task: { topic: this.route, partition: t.p, offset: t.next, hw: Object.fromEntries(t.hw) } };
+    const s = t.inputs.snapshot();
+    const part: TaskPositionPart = { topic: this.route, partition: t.p, offset: t.next, hw: Object.fromEntries(t.hw), times: s.times, idle: s.idle };
+    return { task: part };
   }
 
   /**
@@ -507,13 +737,16 @@ export class ScaleOutRunner {
       this.lastHint = now;
       this.broadcastHints();
     }
+    this.updateSkewPauses();
     const every = this.cfg.checkpoint.intervalMs;
     if (now - this.lastCheckpoint >= every) {
       this.lastCheckpoint = now;
       for (const t of this.tasks.values()) {
-        if (!t.dirty) continue;
-        t.dirty = false;
-        await t.engine.checkpoint();
+        if (t.dirty) {
+          t.dirty = false;
+          await t.engine.checkpoint();
+        }
+        this.announce(t);
       }
     }
   }
@@ -602,6 +835,17 @@ class RouteSink implements OutboxSink {
   }
 
   async close(): Promise<void> {}
+}
+
+/**
+ * The input a routed row counts for: events partition q for a row routed from it (source header
+ * `e<q>`); −1 for a row another task forwarded (`t<p>e<q>`, `t<p>o`): it may be older than what q's
+ * router has said, and its lateness is covered by its sender's announcements instead.
+ */
+function inputOf(src: string, n: number): number {
+  if (!src.startsWith('e')) return -1;
+  const q = Number(src.slice(1));
+  return Number.isInteger(q) && q >= 0 && q < n && src.length > 1 ? q : -1;
 }
 
 /** The list of `key` in `map`, created empty on first use. */

@@ -683,6 +683,11 @@ export class TrafficGenerator {
     return out;
   }
 
+  /** The simulated clock: the event time of the latest fresh event (ms). */
+  get now(): number {
+    return this.clock;
+  }
+
   /** What has been produced so far. */
   get stats(): TrafficStats {
     return {

@@ -82,10 +82,21 @@ describe('validateStatic reason codes', () => {
     expect(statusOf({ ts: 1_704_067_200 })).toBe(Reject.bad_timestamp); // seconds, not ms
     expect(statusOf({ ts: cfg.time.minTs - 1 })).toBe(Reject.bad_timestamp);
     expect(statusOf({ ts: cfg.time.minTs })).toBe(Reject.ok);
-    expect(statusOf({ ts: cfg.time.maxTs - 1 })).toBe(Reject.ok);
+    // Up to maxTs only without the processing-clock bound (time.maxFutureMs: null).
+    const noFuture = { time: { maxFutureMs: null } };
+    expect(statusOf({ ts: cfg.time.maxTs - 1 }, noFuture)).toBe(Reject.ok);
+    expect(statusOf({ ts: cfg.time.maxTs }, noFuture)).toBe(Reject.bad_timestamp);
     expect(statusOf({ ts: cfg.time.maxTs })).toBe(Reject.bad_timestamp);
     expect(statusOf({ ts: T + 0.5 })).toBe(Reject.ok);
     expect(statusOf({ ts: 5 }, { time: { minTs: 0, maxTs: 10 } })).toBe(Reject.ok);
+  });
+
+  it('future_timestamp: more than time.maxFutureMs after the processing clock (default 10 minutes)', () => {
+    const now = Date.now();
+    expect(statusOf({ ts: now + 60_000 })).toBe(Reject.ok);
+    expect(statusOf({ ts: now + 3_600_000 })).toBe(Reject.future_timestamp);
+    expect(statusOf({ ts: now + 3_600_000 }, { time: { maxFutureMs: 7_200_000 } })).toBe(Reject.ok);
+    expect(statusOf({ ts: Date.UTC(2099, 0, 1) })).toBe(Reject.future_timestamp);
   });
 
   it('too_large: size over maxEventBytes or more props than maxProps', () => {

@@ -12,7 +12,7 @@ import { sha256Hex } from '../../api/auth.js';
 import { compareRows } from '../oracle/compare.js';
 import { KpiOracle, type OracleEvent } from '../oracle/kpi-oracle.js';
 import { PROJECT_ROOT, runAndKill, tempDir } from '../helpers.js';
-import { produceAll } from '../kafka-helpers.js';
+import { produceAll, runCli } from '../kafka-helpers.js';
 
 /**
  * Kafka in and out on librdkafka's mock cluster, which runs in its own process (tools/kafka-mock.c):
@@ -100,20 +100,6 @@ function writeRunConfig(dir: string, group: string, o: { kafka?: Record<string, 
     ...o.top,
   }));
   return file;
-}
-
-function runCli(args: string[], timeoutMs = 120_000): Promise<{ code: number | null; out: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (out += d.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.on('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, out });
-    });
-  });
 }
 
 /** Every difference between the state in `dataDir` and the oracle. */

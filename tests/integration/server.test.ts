@@ -36,16 +36,17 @@ afterEach(async () => {
   ctx = null;
 });
 
-async function start(opts: { maxBufferedBytes?: number; kpiCoalesceMs?: number; campaigns?: boolean; pad?: number } = {}): Promise<Ctx> {
+async function start(opts: { maxBufferedBytes?: number; kpiCoalesceMs?: number; campaigns?: boolean; pad?: number; newGroupStart?: 'head' | 'earliest' } = {}): Promise<Ctx> {
   const tmp = tempDir('crm-server-');
-  const hub = new TriggerHub({ maxBufferedBytes: opts.maxBufferedBytes ?? 1 << 20 });
+  const hub = new TriggerHub({ maxBufferedBytes: opts.maxBufferedBytes ?? 1 << 20, newGroupStart: opts.newGroupStart ?? 'head' });
   const campaigns = opts.campaigns === false ? null : {
     campaigns: [{ id: 'hello', trigger: { event: 'visit' }, promotional: false, action: { template: 't', channels: ['push', 'sms'], params: { pad: 'x'.repeat(opts.pad ?? 200) } } }],
     consent: { unknown: 'allow' },
   };
   const engine = await Engine.create({ dataDir: tmp.dir, time: { timeZone: 'Asia/Seoul' }, checkpoint: { intervalMs: 0 }, campaigns: { definitions: campaigns } }, { sinks: [hub] });
   const gate = new EngineGate(engine);
-  const keys = Object.entries(KEYS).map(([scope, key]) => ({ name: scope, sha256: sha256Hex(key), scopes: [scope as 'admin'] }));
+  // The sender key may use any group here (tests/faults/trigger-access.test.ts checks keys tied to groups).
+  const keys = Object.entries(KEYS).map(([scope, key]) => ({ name: scope, sha256: sha256Hex(key), scopes: [scope as 'admin'], ...(scope === 'triggers' ? { groups: ['*'] } : {}) }));
   const server = await CrmServer.start(gate, hub, { port: 0, keys, kpiCoalesceMs: opts.kpiCoalesceMs ?? 50, maxBufferedBytes: opts.maxBufferedBytes, maxBodyBytes: 1 << 20 });
   const c: Ctx = {
     engine, server, base: `http://127.0.0.1:${server.port}`, ws: `ws://127.0.0.1:${server.port}`,
@@ -122,7 +123,7 @@ async function closeWs(ws: WebSocket): Promise<void> {
 
 describe('/v1/triggers', () => {
   it('a sender that disconnects gets, after reconnecting, exactly the triggers it had not acked; the window is respected', async () => {
-    const c = await start();
+    const c = await start({ newGroupStart: 'earliest' }); // g1 is new and must get the 40 decided before it subscribed
     await post(c, visits(40));
     await c.engine.checkpoint();
     const a = await sender(c, 'g1', { maxInFlight: 5 });
@@ -317,7 +318,7 @@ describe('security', () => {
     expect((await fetch(`${c.base}/v1/events`, { method: 'POST', headers: { authorization: `Bearer ${KEYS.ingest}`, 'content-type': 'application/x-protobuf' }, body: new Uint8Array([0xff, 0xff, 0xff]) })).status).toBe(400);
     const batch = crmstream.v1.EventBatch.encode({ events: [{ event_id: 'p1', type: 'visit', user_id: 'u1', ts: T0 }, { event_id: '', type: 'visit', user_id: 'u1', ts: T0 }] }).finish();
     const ok = await fetch(`${c.base}/v1/events`, { method: 'POST', headers: { authorization: `Bearer ${KEYS.ingest}`, 'content-type': 'application/x-protobuf' }, body: batch });
-    expect(await ok.json()).toEqual({ accepted: 1, rejected: 1, results: ['', 'missing_id'] });
+    expect(await ok.json()).toEqual({ accepted: 1, rejected: 1, results: ['', 'missing_id'], durable: true });
   });
 
   it('garbage frames close only their socket (1008 bad_frame); 1,000 random malformed requests do not crash the server', async () => {

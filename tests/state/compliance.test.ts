@@ -48,7 +48,7 @@ describe('state backends: factory and LevelDB directory', () => {
     }
   });
 
-  it('a second LevelStore on a directory in use fails to open with STATE_IO', async () => {
+  it('a second LevelStore on a directory in use fails to open with STATE_LOCKED', async () => {
     const dir = await mkdtemp(join(tmpdir(), 'crmstream-level-'));
     const first = new LevelStore(dir);
     const second = new LevelStore(dir);
@@ -58,7 +58,7 @@ describe('state backends: factory and LevelDB directory', () => {
       await second.open().catch((err: unknown) => {
         code = err instanceof CrmError ? err.code : 'not a CrmError';
       });
-      expect(code).toBe('STATE_IO');
+      expect(code).toBe('STATE_LOCKED');
     } finally {
       await second.close();
       await first.close();
