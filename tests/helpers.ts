@@ -66,3 +66,13 @@ export function runAndKill(args: string[], ready: RegExp, delayMs: number, log?:
     });
   });
 }
+
+/** Polls `cond` every 20 ms until it holds or `ms` pass; returns whether it held. */
+export async function until(cond: () => boolean, ms = 10_000): Promise<boolean> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if (cond()) return true;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return cond();
+}

@@ -829,8 +829,9 @@ class RouteSink implements OutboxSink {
     const deadline = performance.now() + this.deliveryTimeoutMs;
     const outs = await Promise.all([...byDest].map(([dest, list]) => this.producer.produceBatch(this.topic, dest, list, deadline)));
     const failed = outs.find((o) => o.failed > 0);
-    // The outbox keeps them and the engine stops; the next start re-sends from the cursor (the seq
-    // headers make that safe). Re-sending here could reorder a partition's records.
+    // The outbox keeps them: this sink's cursor stays, and the outbox retries the whole page from it
+    // with backoff (the seq headers make re-sending safe). Re-sending only the failed ones here
+    // could reorder a partition's records.
     if (failed !== undefined) throw new CrmError('SINK_IO', `forwarding to ${this.topic} failed: ${failed.errors.find((e) => e !== null)!.message}`);
   }
 

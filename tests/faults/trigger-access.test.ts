@@ -9,7 +9,7 @@ import { TriggerHub } from '../../api/trigger-hub.js';
 import { Engine } from '../../engine/engine.js';
 import { isCode } from '../../engine/errors.js';
 import { LevelStore } from '../../state/level.js';
-import { tempDir } from '../helpers.js';
+import { tempDir, until } from '../helpers.js';
 
 /**
  * Issue 17, items 5, 6 and 11 (keys in the URL): one key cannot read, ack or take another sender's
@@ -81,15 +81,6 @@ async function post(c: Ctx, events: unknown[]): Promise<void> {
   expect(r.status).toBe(200);
   await r.json();
   await c.gate.run((e) => e.checkpoint());
-}
-
-async function until(cond: () => boolean, ms = 10_000): Promise<boolean> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (cond()) return true;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return cond();
 }
 
 interface Sender {

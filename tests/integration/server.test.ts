@@ -8,7 +8,7 @@ import { CrmServer } from '../../api/server.js';
 import { TriggerHub } from '../../api/trigger-hub.js';
 import { Engine } from '../../engine/engine.js';
 import { Rng } from '../../engine/sources/generator.js';
-import { DAY, HOUR, tempDir } from '../helpers.js';
+import { DAY, HOUR, tempDir, until } from '../helpers.js';
 
 /**
  * The HTTP + WebSocket server with real clients (`ws`, `fetch`) on 127.0.0.1: trigger delivery
@@ -67,16 +67,6 @@ async function post(c: Ctx, events: unknown, key = KEYS.ingest): Promise<{ accep
   const r = await fetch(`${c.base}/v1/events`, { method: 'POST', headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' }, body: JSON.stringify(events) });
   expect(r.status).toBe(200);
   return (await r.json()) as { accepted: number; rejected: number; results: string[] };
-}
-
-/** Polls `cond` every 20 ms until it holds or `ms` pass; returns whether it held. */
-async function until(cond: () => boolean, ms = 10_000): Promise<boolean> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (cond()) return true;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return cond();
 }
 
 interface Sender {
