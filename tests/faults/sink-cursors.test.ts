@@ -1,5 +1,4 @@
-import { execFileSync } from 'node:child_process';
-import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readdirSync, readFileSync, statSync, unlinkSync, writeSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, statSync, unlinkSync } from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { Engine } from '../../engine/engine.js';
@@ -11,6 +10,7 @@ import { MemoryStore } from '../../state/memory.js';
 import type { WriteOp } from '../../state/store.js';
 import { tempDir } from '../helpers.js';
 import { FaultSink } from './fault-sink.js';
+import { fillDisk, mountTmpfs, unmount } from './tmpfs.js';
 import { FaultStore } from './fault-store.js';
 
 /**
@@ -193,40 +193,6 @@ describe('sinks with their own cursors', () => {
   });
 });
 
-/** Mounts a 1 MiB tmpfs at `dir`; false (and the test skips) where that is not allowed. */
-function mountTmpfs(dir: string): boolean {
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', dir], { stdio: 'pipe' });
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-function unmount(dir: string): void {
-  try {
-    execFileSync('umount', [dir], { stdio: 'pipe' });
-  } catch {
-    execFileSync('umount', ['-l', dir], { stdio: 'pipe' });
-  }
-}
-
-/** Fills the file system of `dir` with a filler file, then frees `leave` bytes of it. */
-function fillDisk(filler: string, leave: number): void {
-  const fd = openSync(filler, 'w');
-  const block = Buffer.alloc(64 << 10, 0x61);
-  let size = 0;
-  try {
-    for (let i = 0; i < 1000; i++) size += writeSync(fd, block);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ENOSPC') throw err;
-  }
-  // A partial write may have filled it to the byte: size is what the file holds.
-  size = statSync(filler).size;
-  ftruncateSync(fd, Math.max(0, size - leave));
-  closeSync(fd);
-}
-
 const lines = (file: string): { seq: number }[] => readFileSync(file, 'utf8').split('\n').filter((l) => l !== '').map((l) => JSON.parse(l) as { seq: number });
 
 describe('JSONL sink on a full disk (a real 1 MiB tmpfs)', () => {
@@ -234,7 +200,7 @@ describe('JSONL sink on a full disk (a real 1 MiB tmpfs)', () => {
     const { dir, cleanup } = tempDir();
     const mnt = path.join(dir, 'mnt');
     mkdirSync(mnt);
-    if (!mountTmpfs(mnt)) {
+    if (!mountTmpfs(mnt, '1m')) {
       cleanup();
       ctx.skip('cannot mount a tmpfs here (needs root): the full-disk test is skipped');
       return;
