@@ -136,7 +136,7 @@ function engineScenario(format: Format): Scenario<InputState> {
     name: `backfill: ${format} → engine (memory)`,
     setup: (ctx) => buildInputs(ctx.quick),
     async run(s) {
-      const engine = await Engine.create({ checkpoint: { intervalMs: 1e9, maxDirtyUsers: 10_000_000 } });
+      const engine = await Engine.create({ checkpoint: { intervalMs: 1e9, idleMs: null, maxDirtyUsers: 10_000_000 } });
       const rows = await decodeAll(s, format, async (b) => {
         await engine.ingestColumns(b);
       });

@@ -64,7 +64,7 @@ const campaignsScenario = (n: number): Scenario<CampState> => ({
   async run(s) {
     resetStatus(s.batches);
     const engine = await Engine.create({
-      checkpoint: { intervalMs: 1e9, maxDirtyUsers: 10_000_000 },
+      checkpoint: { intervalMs: 1e9, idleMs: null, maxDirtyUsers: 10_000_000 },
       campaigns: { definitions: { campaigns: benchCampaigns().slice(0, n), caps: [{ scope: 'user', max: 3, within: '1d' }], consent: { unknown: 'allow' } } },
     });
     for (const b of s.batches) await engine.ingestColumns(b);

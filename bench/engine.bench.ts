@@ -69,7 +69,7 @@ function dirBytes(dir: string): number {
 async function runEngine(state: EngineBenchState, dataDir: string | null): Promise<number> {
   resetStatus(state.batches);
   const engine = await Engine.create(dataDir === null
-    ? { checkpoint: { intervalMs: 1e9, maxDirtyUsers: 10_000_000 } }
+    ? { checkpoint: { intervalMs: 1e9, idleMs: null, maxDirtyUsers: 10_000_000 } }
     : { dataDir, checkpoint: { intervalMs: 1000 } });
   for (const b of state.batches) await engine.ingestColumns(b);
   // Core: the state stays in memory (what is measured is the processing). With LevelDB: the last

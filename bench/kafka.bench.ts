@@ -66,7 +66,7 @@ export function lagItems(quick: boolean): { before: number; backlog: number } {
 }
 
 /** The engine core scenario's configuration (engine.bench.ts): memory state, no checkpoint until the end. */
-const CORE_CONFIG: ConfigInput = { checkpoint: { intervalMs: 1e9, maxDirtyUsers: 10_000_000 } };
+const CORE_CONFIG: ConfigInput = { checkpoint: { intervalMs: 1e9, idleMs: null, maxDirtyUsers: 10_000_000 } };
 
 /** A pre-encoded message: protobuf value, keyed by user (user_id, else anonymous_id). */
 interface Msg {

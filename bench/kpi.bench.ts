@@ -21,7 +21,7 @@ import { consume, type Scenario, type TimedItems } from './harness.js';
 const BATCH = 4096;
 const HOUR = 3_600_000;
 
-const memoryConfig = { checkpoint: { intervalMs: 1e9, maxDirtyUsers: 10_000_000 } };
+const memoryConfig = { checkpoint: { intervalMs: 1e9, idleMs: null, maxDirtyUsers: 10_000_000 } };
 
 // ---------------------------------------------------------------------------------------------
 

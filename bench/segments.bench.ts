@@ -46,7 +46,7 @@ interface SegState {
   evaluations: number;
 }
 
-const config = () => ({ checkpoint: { intervalMs: 1e9, maxDirtyUsers: 10_000_000 }, segments: { definitions: benchSegments() } });
+const config = () => ({ checkpoint: { intervalMs: 1e9, idleMs: null, maxDirtyUsers: 10_000_000 }, segments: { definitions: benchSegments() } });
 
 async function setup(quick: boolean): Promise<SegState> {
   const n = engineItems(quick);

@@ -77,6 +77,12 @@ export const ConfigSchema = z.object({
      * the engine fails closed: ENGINE_FAILED, unhealthy, `run`/`demo` exit non-zero; a restart
      * resumes from the last checkpoint.
      */
+    /**
+     * Changes that sit idle this long (ms, default 1,000) are checkpointed by a timer, so an
+     * acknowledged-but-not-yet-durable change never waits for the next call. null = no timer (the
+     * owner checkpoints: benchmarks, tools that drop engines). The timer holds the engine weakly.
+     */
+    idleMs: z.number().int().min(1).nullable().default(1_000),
     retries: z.number().int().min(0).max(20).default(5),
     retryBackoffMs: z.number().int().min(0).max(60_000).default(100),
   }).prefault({}),

@@ -923,23 +923,30 @@ export class Engine {
 
   /**
    * After a call that left changes outside a checkpoint (an ingest between due checkpoints), a
-   * timer takes one when the engine has sat idle for `checkpoint.intervalMs`: dirty state never
+   * timer takes one when the engine has sat idle for `checkpoint.idleMs`: dirty state never
    * waits for the next event to become durable. It runs only when no call is in progress; calls
    * that arrive while it writes wait for it (`enter`).
    */
   private armIdleCheckpoint(): void {
-    if (!this.uncommitted || this.idleTimer !== null || this.closed || this.failure !== null) return;
-    this.idleTimer = setTimeout(() => {
-      this.idleTimer = null;
-      if (!this.uncommitted || this.busy || this.closed || this.failure !== null) return;
-      this.busy = true; // synchronously: a call arriving now waits for idleRun, never sees ENGINE_BUSY
-      this.idleRun = this.checkpointNow().catch(() => undefined /* in health(); failure set when retries ran out */).finally(() => {
-        this.busy = false;
-        this.idleRun = null;
-        this.armIdleCheckpoint();
-      });
-    }, Math.max(1, this.config.checkpoint.intervalMs));
+    const idleMs = this.config.checkpoint.idleMs;
+    if (idleMs === null || !this.uncommitted || this.idleTimer !== null || this.closed || this.failure !== null) return;
+    // The timer holds the engine only weakly: an engine its owner dropped without close() is
+    // collected (with a long checkpoint.intervalMs a strong reference would pin every such engine
+    // and its whole state until the timer fired).
+    const self = new WeakRef<Engine>(this);
+    this.idleTimer = setTimeout(() => self.deref()?.idleCheckpoint(), idleMs);
     this.idleTimer.unref();
+  }
+
+  private idleCheckpoint(): void {
+    this.idleTimer = null;
+    if (!this.uncommitted || this.busy || this.closed || this.failure !== null) return;
+    this.busy = true; // synchronously: a call arriving now waits for idleRun, never sees ENGINE_BUSY
+    this.idleRun = this.checkpointNow().catch(() => undefined /* in health(); failure set when retries ran out */).finally(() => {
+      this.busy = false;
+      this.idleRun = null;
+      this.armIdleCheckpoint();
+    });
   }
 
   /**
