@@ -7,7 +7,8 @@ import { EventColumns } from './batch.js';
 import { resolveConfig, type ConfigInput, type EngineConfig } from './config.js';
 import { DedupeIndex } from './dedupe.js';
 import { Quarantine } from './quarantine.js';
-import { CrmError, cleanupAll, isCode } from './errors.js';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { CrmError, cleanupAll, errorText, isCode } from './errors.js';
 import { EventType, REJECT_NAMES, ROUTED, Reject, TypeRegistry, rejectName, type RejectName } from './event-types.js';
 import { Outbox, Topic, type OutboxRecord, type OutboxSink, type SinkStatus } from './outbox.js';
 import { ProfileTable, USER_PREFIX } from './profiles.js';
@@ -1314,15 +1315,6 @@ async function readMeta(store: KvStore): Promise<Meta | null> {
   } catch (err) {
     throw new CrmError('STATE_CORRUPT', 'checkpoint metadata cannot be parsed', { cause: err });
   }
-}
-
-function errorText(err: unknown): string {
-  const cause = err instanceof Error && err.cause instanceof Error ? `: ${err.cause.message}` : '';
-  return `${err instanceof Error ? err.message : String(err)}${cause}`;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function rowToEvent(b: EventColumns, i: number): crmstream.v1.IEvent {

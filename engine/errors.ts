@@ -67,3 +67,10 @@ export async function cleanupAll(steps: ReadonlyArray<() => unknown>): Promise<v
   if (errors.length === 1) throw errors[0];
   if (errors.length > 1) throw new CrmError('CLEANUP_FAILED', `${errors.length} errors during cleanup`, { errors });
 }
+
+/** An error's message with its cause's, once ("checkpoint 7 was not written: ENOSPC …"), for health reports and logs. */
+export function errorText(err: unknown): string {
+  if (!(err instanceof Error)) return String(err);
+  const cause = err.cause;
+  return cause instanceof Error && !err.message.includes(cause.message) ? `${err.message}: ${cause.message}` : err.message;
+}

@@ -1,5 +1,5 @@
 import { performance } from 'node:perf_hooks';
-import { CrmError, cleanupAll } from './errors.js';
+import { CrmError, cleanupAll, errorText } from './errors.js';
 import type { KvStore, WriteOp } from '../state/store.js';
 
 /**
@@ -569,12 +569,6 @@ export class Outbox {
       if (this.trimmedTo < this.minCursor()) this.persistWanted = true;
     }
   }
-}
-
-function errorText(err: unknown): string {
-  if (!(err instanceof Error)) return String(err);
-  const cause = err.cause;
-  return cause instanceof Error && !err.message.includes(cause.message) ? `${err.message}: ${cause.message}` : err.message;
 }
 
 function errorCode(err: unknown): string | null {

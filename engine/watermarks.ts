@@ -68,6 +68,9 @@ export class InputWatermarks {
   /** Assigned inputs, and those of them not idle. */
   private members = 0;
   private active = 0;
+  /** The counts of the last scan(). */
+  private scanMembers = 0;
+  private scanActive = 0;
   /** The event time (see the module comment) and its watermark; `stale`: the event time may be low (the watermark is exact). */
   private combined = Number.NEGATIVE_INFINITY;
   private target = Number.NEGATIVE_INFINITY;
@@ -164,11 +167,19 @@ export class InputWatermarks {
    * scale-out task announces the one over its events partitions to the other tasks).
    */
   eventTimeOf(from: number, to: number): number {
+    return this.scan(Math.max(0, from), Math.min(to, this.max.length), Number.NEGATIVE_INFINITY);
+  }
+
+  /**
+   * The rule over the assigned inputs with ids in [from, to): the minimum over the active ones;
+   * all idle: the maximum (at least `hi`); none assigned: −∞. Leaves the counts in
+   * scanMembers / scanActive.
+   */
+  private scan(from: number, to: number, hi: number): number {
     let min = Number.POSITIVE_INFINITY;
-    let hi = Number.NEGATIVE_INFINITY;
     let members = 0;
     let active = 0;
-    for (let i = Math.max(0, from); i < Math.min(to, this.max.length); i++) {
+    for (let i = from; i < to; i++) {
       if (this.member[i] === 0) continue;
       members++;
       const v = this.max[i]!;
@@ -177,6 +188,8 @@ export class InputWatermarks {
       active++;
       if (v < min) min = v;
     }
+    this.scanMembers = members;
+    this.scanActive = active;
     return members === 0 ? Number.NEGATIVE_INFINITY : active > 0 ? min : hi;
   }
 
@@ -277,22 +290,9 @@ export class InputWatermarks {
   }
 
   private recompute(): void {
-    let min = Number.POSITIVE_INFINITY;
-    let hi = this.other;
-    let members = 0;
-    let active = 0;
-    for (let i = 0; i < this.max.length; i++) {
-      if (this.member[i] === 0) continue;
-      members++;
-      const v = this.max[i]!;
-      if (v > hi) hi = v;
-      if (this.idle[i] === 1) continue;
-      active++;
-      if (v < min) min = v;
-    }
-    this.members = members;
-    this.active = active;
-    this.combined = members === 0 ? Number.NEGATIVE_INFINITY : active > 0 ? min : hi;
+    this.combined = this.scan(0, this.max.length, this.other);
+    this.members = this.scanMembers;
+    this.active = this.scanActive;
     this.target = Number.isFinite(this.combined) ? this.floor(this.combined) : Number.NEGATIVE_INFINITY;
     this.stale = false;
   }

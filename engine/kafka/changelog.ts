@@ -46,6 +46,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
+import { setTimeout as sleep } from 'node:timers/promises';
 import Kafka from 'node-rdkafka';
 import type { DeliveryReport, KafkaConsumer, LibrdKafkaError, Message, MessageHeader, Producer, WatermarkOffsets } from 'node-rdkafka';
 import type { KvEntry, KvStore, Range, WriteOp } from '../../state/store.js';
@@ -826,9 +827,6 @@ function nextOp(offset: number): WriteOp {
   return { type: 'put', key: CHANGELOG_NEXT_KEY, value: utf8.encode(String(offset)) };
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
 
 /** `p`'s value, or null once `deadline` (performance.now() time) has passed first. */
 async function beforeDeadline<T>(p: Promise<T>, deadline: number): Promise<T | null> {

@@ -10,7 +10,7 @@ import { TrafficGenerator, encodeProto, isBad } from '../../engine/sources/gener
 import type { KpiRow } from '../../operators/kpi-rows.js';
 import { compareRows } from '../oracle/compare.js';
 import { KpiOracle, type OracleEvent } from '../oracle/kpi-oracle.js';
-import { PROJECT_ROOT, runAndKill, tempDir } from '../helpers.js';
+import { PROJECT_ROOT, runAndKill, tempDir, exited } from '../helpers.js';
 import { produceAll, readTopic, runCli } from '../kafka-helpers.js';
 
 /**
@@ -46,17 +46,6 @@ function partitionOf(key: string): number {
   let h = 0x811c9dc5;
   for (let i = 0; i < key.length; i++) h = Math.imul(h ^ key.charCodeAt(i), 0x01000193);
   return (h >>> 0) % P;
-}
-
-function exited(child: ChildProcess, timeoutMs: number): Promise<number | null> {
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve(child.exitCode);
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      resolve(code);
-    });
-  });
 }
 
 function writeConfig(dir: string, kafka: Record<string, unknown>, top: Record<string, unknown> = {}): string {

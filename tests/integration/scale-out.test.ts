@@ -19,8 +19,8 @@ import { compareRows } from '../oracle/compare.js';
 import { KpiOracle, type OracleEvent } from '../oracle/kpi-oracle.js';
 import { engineMembership, membershipDiff, type Membership } from '../oracle/membership.js';
 import { SegmentOracle } from '../oracle/segment-oracle.js';
-import { DAY, PROJECT_ROOT, tempDir } from '../helpers.js';
-import { produceAll } from '../kafka-helpers.js';
+import { DAY, PROJECT_ROOT, tempDir, exited } from '../helpers.js';
+import { produceAll, readTopic } from '../kafka-helpers.js';
 
 /**
  * Scale-out through the consumer group (docs/KAFKA.md "Several instances"): `crmstream run`
@@ -91,37 +91,11 @@ async function quiescent(group: string, route: string, timeoutMs: number): Promi
   }
 }
 
-async function readTopic(topic: string, idleMs: number): Promise<Kafka.Message[]> {
-  const c = await connected(new Kafka.KafkaConsumer({ 'metadata.broker.list': mock.bootstrap, 'group.id': `reader-${topic}-${Date.now()}`, 'enable.auto.commit': false }, { 'auto.offset.reset': 'earliest' }));
-  c.subscribe([topic]);
-  const out: Kafka.Message[] = [];
-  let idleSince = Date.now();
-  const deadline = Date.now() + 60_000;
-  while (Date.now() - idleSince < idleMs && Date.now() < deadline) {
-    const msgs = await new Promise<Kafka.Message[]>((resolve, reject) => c.consume(1000, (e, m) => (e ? reject(e) : resolve(m))));
-    if (msgs.length > 0) idleSince = Date.now();
-    out.push(...msgs);
-  }
-  await new Promise<void>((resolve) => c.disconnect(() => resolve()));
-  return out;
-}
-
 function start(config: string, dataDir: string, log: string[]): ChildProcess {
   const child = spawn(process.execPath, [CLI, 'run', '--config', config, '--data-dir', dataDir], { stdio: ['ignore', 'pipe', 'pipe'] });
   child.stdout!.on('data', (d: Buffer) => log.push(d.toString()));
   child.stderr!.on('data', (d: Buffer) => log.push(d.toString()));
   return child;
-}
-
-function exited(child: ChildProcess, timeoutMs: number): Promise<number | null> {
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve(child.exitCode);
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      resolve(code);
-    });
-  });
 }
 
 function runCli(args: string[]): Promise<{ code: number | null; out: string }> {
@@ -222,7 +196,7 @@ describe('scale-out across instances of one consumer group', () => {
       await quiescent('scale', 'route', 150_000);
       // Every record of the route topic once more, headers and all: what a stage-0 restart or a
       // task's outbox re-fed after a restore sends. Each must be recognised and skipped.
-      const copies = (await readTopic('route', 2_000)).filter((m) => m.headers?.some((h) => h['crmstream-src'] !== undefined));
+      const copies = (await readTopic(mock.bootstrap, 'route', 2_000)).filter((m) => m.headers?.some((h) => h['crmstream-src'] !== undefined));
       expect(copies.length).toBeGreaterThan(N);
       const again = await connected(new Kafka.Producer({ 'metadata.broker.list': mock.bootstrap, 'linger.ms': 5, 'enable.idempotence': true }));
       again.setPollInterval(10);
@@ -252,7 +226,7 @@ describe('scale-out across instances of one consumer group', () => {
       expect(sum('duplicates_skipped'), seen).toBeGreaterThanOrEqual(copies.length);
 
       // Triggers: the same decisions as one engine (the topic may hold some twice: at-least-once).
-      const triggers = await readTopic('triggers', 3_000);
+      const triggers = await readTopic(mock.bootstrap, 'triggers', 3_000);
       expect([...new Set(triggers.map((m) => crmstream.v1.Trigger.decode(m.value!).trigger_id))].sort()).toEqual(referenceTriggers);
 
       // State: every task restored from the changelog alone, into fresh local copies.
